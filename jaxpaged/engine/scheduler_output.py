@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from jaxpaged.engine.request import Request
 from jaxpaged.sampling_params import SamplingParams
 
 
@@ -81,3 +82,32 @@ class ModelRunnerOutput:
     """Per scheduled request (same order as req_ids): [] for a partial prefill, else [token]."""
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
     """Only for requests that asked for logprobs and sampled this step."""
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did to one request, handed from the scheduler to the output processor."""
+
+    request: Request
+    new_token_ids: list[int]
+    """Tokens appended this step (empty for a partial prefill)."""
+    new_logprobs: LogprobsLists | None
+    finished: bool
+    """The request stopped this step (EOS, stop token, max_tokens or max_model_len)."""
+
+
+@dataclass
+class SchedulerStats:
+    """A snapshot for metrics; the *_total counters are cumulative since start."""
+
+    num_running_reqs: int
+    num_waiting_reqs: int
+    kv_cache_usage: float
+    """Fraction of the pool's blocks (null block excluded) held by requests, in [0, 1]."""
+    num_free_blocks: int
+    """Blocks not held by any request (evictable cached blocks count as free)."""
+    prefix_cache_queries_total: int
+    """Prompt tokens looked up in the prefix cache."""
+    prefix_cache_hits_total: int
+    """Prompt tokens found there."""
+    num_preemptions_total: int

@@ -1,0 +1,19 @@
+"""Every environment variable jaxpaged reads, in one place."""
+
+from __future__ import annotations
+
+import os
+
+
+def cache_dir() -> str:
+    """Where the default model and the compilation cache live (JAXPAGED_CACHE_DIR)."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "jaxpaged")
+    return os.environ.get("JAXPAGED_CACHE_DIR", default)
+
+
+def compilation_cache_dir() -> str | None:
+    """Persistent XLA compilation cache (JAXPAGED_COMPILATION_CACHE; '0' disables it)."""
+    value = os.environ.get("JAXPAGED_COMPILATION_CACHE")
+    if value == "0":
+        return None
+    return value or os.path.join(cache_dir(), "xla")
