@@ -75,7 +75,9 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
     """Move the finished tmp dir to out_dir, swapping out an old one only at the end."""
     old = None
     if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+        old = tempfile.mkdtemp(
+            prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir)
+        )
         os.rename(out_dir, os.path.join(old, "dir"))
     os.rename(tmp, out_dir)
     if old:
@@ -91,6 +93,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become OUT_DIR's mode
     try:
         start = time.perf_counter()
         params = convert_params(hf_dir, config, dtype, progress=True)
@@ -122,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
     parser = argparse.ArgumentParser(prog="jaxpaged convert", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

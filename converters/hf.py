@@ -190,9 +190,7 @@ def iter_params(
     dtype = np_dtype(dtype)
     ckpt = open_checkpoint(model_dir, config)
     read = ckpt.get
-    steps = tqdm(
-        total=config.num_layers + 2, desc="Converting", unit="layer", disable=not progress
-    )
+    steps = tqdm(total=config.num_layers + 2, desc="Converting", unit="layer", disable=not progress)
     with steps:
         embed = read("model.embed_tokens.weight")
         yield ("embed", "embedding"), np.ascontiguousarray(embed, dtype=dtype)

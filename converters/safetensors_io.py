@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -137,3 +138,45 @@ class SafetensorsCheckpoint:
             if f.readinto(out.reshape(-1).view(np.uint8)) != info.nbytes:
                 raise SafetensorsError(f"{info.path}: short read of tensor {name}.")
         return out
+
+
+_DTYPE_TAGS = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(
+    path: str,
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+    make: Callable[[str], np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file whose tensors are produced one at a time by `make(name)`.
+
+    `specs` (name -> shape, dtype) fixes the header before any data exists, so a file of
+    any size is written holding only one tensor in memory. Handles bfloat16 (ml_dtypes),
+    which safetensors' own numpy writer does not.
+    """
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (shape, dtype) in specs.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {
+            "dtype": _DTYPE_TAGS[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format recommends 8-byte aligned data
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, (shape, dtype) in specs.items():
+            array = np.ascontiguousarray(make(name), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise ValueError(f"{name}: made shape {array.shape}, declared {tuple(shape)}")
+            f.write(array.reshape(-1).view(np.uint8).data)
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str) -> None:
+    """safetensors.numpy.save_file for in-memory arrays, bfloat16 included."""
+    specs = {k: (v.shape, v.dtype) for k, v in tensors.items()}
+    write_safetensors(path, specs, tensors.__getitem__)
