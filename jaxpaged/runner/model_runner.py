@@ -1,0 +1,224 @@
+"""The model runner: the only place that moves data between host and device.
+
+    SchedulerOutput ─► InputBatch (apply diffs, build padded numpy inputs)
+                    ─► device_put (one transfer) ─► compiled step for the bucket
+                    ─► sampled ids (+ logprobs if asked) back to host ─► ModelRunnerOutput
+
+The step is ONE jitted function, `step(params, kv_caches, penalty_state, inputs)`, compiled
+ahead of time for every (tokens, requests) bucket at start-up; the KV pool and the penalty
+state are donated, so they are updated in place. A step whose shape has no bucket is a bug,
+not a reason to compile in the serving loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxpaged.attention.backend import AttentionBackend, allocate_kv_cache
+from jaxpaged.attention.metadata import AttentionMetadata
+from jaxpaged.config import ModelConfig
+from jaxpaged.engine.scheduler_output import LogprobsLists, ModelRunnerOutput, SchedulerOutput
+from jaxpaged.models.llama import build_model
+from jaxpaged.runner.buckets import Buckets
+from jaxpaged.runner.input_batch import HostStep, InputBatch
+from jaxpaged.runner.sampler import PenaltyState, SamplingTensors, init_penalty_row, sample
+
+logger = logging.getLogger(__name__)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepInputs:
+    token_ids: jax.Array  # i32[T]
+    positions: jax.Array  # i32[T]
+    md: AttentionMetadata
+    logits_indices: jax.Array  # i32[R]
+    sampling: SamplingTensors
+    want_logprobs: jax.Array  # bool[]
+
+
+def _to_inputs(hs: HostStep, decode_only: bool, want_logprobs: bool) -> StepInputs:
+    md = AttentionMetadata(
+        slot_mapping=hs.slot_mapping,
+        query_start_loc=hs.query_start_loc,
+        seq_lens=hs.seq_lens,
+        block_tables=hs.block_tables,
+        token_req_idx=hs.token_req_idx,
+        decode_only=decode_only,
+    )
+    return StepInputs(
+        token_ids=hs.token_ids,
+        positions=hs.positions,
+        md=md,
+        logits_indices=hs.logits_indices,
+        sampling=SamplingTensors(**hs.sampling),
+        want_logprobs=np.asarray(want_logprobs),
+    )
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        params,
+        backend: AttentionBackend,
+        dtype,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        mesh_shardings=None,
+    ) -> None:
+        self.config = model_config
+        self.params = params
+        self.backend = backend
+        self.dtype = dtype
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.shardings = mesh_shardings
+        self.model = build_model(model_config, backend, dtype)
+        self.buckets = Buckets.make(max_num_seqs, max_num_batched_tokens)
+        self.input_batch = InputBatch(
+            max_num_seqs, max_model_len, block_size, model_config.vocab_size
+        )
+        self.kv_caches = allocate_kv_cache(
+            backend, model_config.num_layers, num_blocks, block_size,
+            model_config.num_kv_heads, model_config.head_dim, dtype,
+            None if mesh_shardings is None else mesh_shardings.kv_cache,
+        )  # fmt: skip
+        v = model_config.vocab_size
+        self.penalty_state = PenaltyState(
+            jnp.zeros((max_num_seqs + 1, v), jnp.int32), jnp.zeros((max_num_seqs + 1, v), bool)
+        )
+        self._step = jax.jit(self._step_fn, donate_argnames=("kv_caches", "penalty_state"))
+        self._init_row = jax.jit(init_penalty_row, donate_argnames=("state",))
+        self._compiled: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
+
+    # ---- the step ---------------------------------------------------------------------
+    def _step_fn(self, params, kv_caches, penalty_state, inputs: StepInputs):
+        logits, kv_caches = self.model.apply(
+            {"params": params}, inputs.token_ids, inputs.positions, kv_caches, inputs.md,
+            inputs.logits_indices,
+        )  # fmt: skip
+        out, penalty_state = sample(logits, inputs.sampling, penalty_state, inputs.want_logprobs)
+        return kv_caches, penalty_state, out
+
+    def _abstract_inputs(self, num_tokens: int, num_reqs: int, decode_only: bool) -> StepInputs:
+        slots = np.zeros(num_reqs, np.int32)
+        counts = np.zeros(num_reqs, np.int32)
+        hs = self.input_batch.prepare(slots[:0], slots[:0], counts[:0], num_tokens, num_reqs)
+        inputs = _to_inputs(hs, decode_only, False)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), inputs
+        )
+
+    def compile_all(self, show_progress: bool = True) -> float:
+        """Compile every bucket; returns seconds taken. Tracing is sequential (Flax is not
+        thread-safe), XLA compilation runs in parallel threads."""
+        start = time.perf_counter()
+        keys = self.buckets.all_keys()
+        lowered = {
+            key: self._step.lower(
+                self.params, self.kv_caches, self.penalty_state, self._abstract_inputs(*key)
+            )
+            for key in keys
+        }
+        bar = tqdm(total=len(keys), desc="Compiling step buckets", disable=not show_progress)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = {key: pool.submit(low.compile) for key, low in lowered.items()}
+            for key, fut in futures.items():
+                self._compiled[key] = fut.result()
+                bar.update(1)
+        bar.close()
+        return time.perf_counter() - start
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._compiled)
+
+    # ---- scheduler diffs --------------------------------------------------------------
+    def _apply_diffs(self, so: SchedulerOutput) -> dict[str, int]:
+        """Update the persistent batch; returns req_id -> num_computed_tokens (step start)."""
+        batch = self.input_batch
+        for req_id in so.finished_req_ids:
+            batch.remove(req_id)
+        starts = {}
+        for new in so.scheduled_new_reqs:
+            slot = batch.add(new)
+            starts[new.req_id] = new.num_computed_tokens
+            if new.sampling_params.has_penalties:
+                self._init_penalties(slot, new.token_ids, new.num_prompt_tokens)
+        cached = so.scheduled_cached_reqs
+        for req_id, blocks, start in zip(
+            cached.req_ids, cached.new_block_ids, cached.num_computed_tokens, strict=True
+        ):
+            if blocks:
+                batch.append_blocks(batch.slot_of[req_id], blocks)
+            starts[req_id] = start
+        return starts
+
+    def _init_penalties(self, slot: int, token_ids: list[int], num_prompt: int) -> None:
+        padded = np.full(self.max_model_len, -1, np.int32)
+        padded[: len(token_ids)] = token_ids
+        self.penalty_state = self._init_row(
+            self.penalty_state, np.int32(slot), padded, np.int32(num_prompt)
+        )
+
+    # ---- execute ----------------------------------------------------------------------
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        starts = self._apply_diffs(so)
+        req_ids = list(so.num_scheduled_tokens)
+        if not req_ids:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        batch = self.input_batch
+        slots = np.fromiter((batch.slot_of[r] for r in req_ids), np.int32, len(req_ids))
+        counts = np.fromiter(so.num_scheduled_tokens.values(), np.int32, len(req_ids))
+        start_arr = np.fromiter((starts[r] for r in req_ids), np.int32, len(req_ids))
+        key = self.buckets.select(int(counts.sum()), len(req_ids), bool((counts == 1).all()))
+        hs = batch.prepare(slots, start_arr, counts, key[0], key[1])
+        want_lp = bool((batch.logprobs[slots] >= 0).any())
+        inputs = jax.device_put(_to_inputs(hs, key[2], want_lp), self._input_sharding())
+        self.kv_caches, self.penalty_state, out = self._compiled[key](
+            self.params, self.kv_caches, self.penalty_state, inputs
+        )
+        return self._collect(req_ids, slots, hs, out, want_lp)
+
+    def _input_sharding(self):
+        return None if self.shardings is None else self.shardings.replicated
+
+    def _collect(self, req_ids, slots, hs: HostStep, out, want_lp: bool) -> ModelRunnerOutput:
+        r = len(req_ids)
+        sample_mask = hs.sampling["sample_mask"][:r]
+        fetch = (out.sampled,) + ((out.top_ids, out.top_logprobs, out.sampled_logprob,
+                                   out.sampled_rank) if want_lp else ())  # fmt: skip
+        host = jax.device_get(fetch)
+        sampled = host[0][:r]
+        sampled_ids: list[list[int]] = []
+        logprobs: dict[str, LogprobsLists] = {}
+        batch = self.input_batch
+        for i, req_id in enumerate(req_ids):
+            if not sample_mask[i]:
+                sampled_ids.append([])
+                continue
+            tok = int(sampled[i])
+            batch.append_token(int(slots[i]), tok)
+            sampled_ids.append([tok])
+            if want_lp and batch.logprobs[slots[i]] >= 0:
+                top_ids, top_lp, lp, rank = (a[i] for a in host[1:])
+                logprobs[req_id] = LogprobsLists(
+                    token_ids=[[tok, *top_ids.tolist()]],
+                    logprobs=[[float(lp), *top_lp.tolist()]],
+                    ranks=[int(rank)],
+                )
+        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled_ids, logprobs=logprobs)
