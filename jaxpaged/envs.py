@@ -17,3 +17,11 @@ def compilation_cache_dir() -> str | None:
     if value == "0":
         return None
     return value or os.path.join(cache_dir(), "xla")
+
+
+def xla_mem_fraction() -> float:
+    """Fraction of GPU memory JAX's allocator reserves (XLA_PYTHON_CLIENT_MEM_FRACTION);
+    with preallocation off (XLA_PYTHON_CLIENT_PREALLOCATE=false) the whole device counts."""
+    if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0"):
+        return 1.0
+    return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))

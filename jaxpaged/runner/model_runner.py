@@ -92,11 +92,7 @@ class ModelRunner:
         self.input_batch = InputBatch(
             max_num_seqs, max_model_len, block_size, model_config.vocab_size
         )
-        self.kv_caches = allocate_kv_cache(
-            backend, model_config.num_layers, num_blocks, block_size,
-            model_config.num_kv_heads, model_config.head_dim, dtype,
-            None if mesh_shardings is None else mesh_shardings.kv_cache,
-        )  # fmt: skip
+        self.kv_caches = self._allocate_kv(num_blocks)
         v = model_config.vocab_size
         self.penalty_state = PenaltyState(
             jnp.zeros((max_num_seqs + 1, v), jnp.int32), jnp.zeros((max_num_seqs + 1, v), bool)
@@ -104,6 +100,35 @@ class ModelRunner:
         self._step = jax.jit(self._step_fn, donate_argnames=("kv_caches", "penalty_state"))
         self._init_row = jax.jit(init_penalty_row, donate_argnames=("state",))
         self._compiled: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
+
+    def _allocate_kv(self, num_blocks: int):
+        c = self.config
+        return allocate_kv_cache(
+            self.backend, c.num_layers, num_blocks, self.block_size, c.num_kv_heads,
+            c.head_dim, self.dtype, None if self.shardings is None else self.shardings.kv_cache,
+        )  # fmt: skip
+
+    def reallocate_kv(self, num_blocks: int) -> None:
+        """Replace the pool (after profiling); compiled steps depend on its shape."""
+        for k, v in self.kv_caches:
+            k.delete()
+            v.delete()
+        self.kv_caches = self._allocate_kv(num_blocks)
+        self.num_blocks = num_blocks
+        self._compiled.clear()
+
+    def profile_peak_bytes(self) -> int:
+        """Run the largest bucket once (all padding) and return the device's peak bytes."""
+        key = max(self.buckets.all_keys())
+        hs = self.input_batch.prepare(*(np.zeros(0, np.int32),) * 3, key[0], key[1])
+        inputs = jax.device_put(_to_inputs(hs, key[2], True), self._input_sharding())
+        step = self._step.lower(self.params, self.kv_caches, self.penalty_state, inputs).compile()
+        self.kv_caches, self.penalty_state, out = step(
+            self.params, self.kv_caches, self.penalty_state, inputs
+        )
+        jax.block_until_ready(out)
+        stats = jax.devices()[0].memory_stats() or {}
+        return int(stats.get("peak_bytes_in_use", 0))
 
     # ---- the step ---------------------------------------------------------------------
     def _step_fn(self, params, kv_caches, penalty_state, inputs: StepInputs):

@@ -1,0 +1,63 @@
+"""How many KV blocks the pool gets.
+
+GPU: budget = gpu_memory_utilization x device memory. The runner first runs its largest step
+bucket against a minimal pool; what the device then has in use at peak (weights, activations,
+sampler state) is subtracted, and what is left becomes blocks.
+CPU: an explicit `num_kv_blocks`, or a byte budget (`kv_cache_memory_bytes`, default 1 GiB).
+Either way the pool must hold one max_model_len sequence, or start-up fails with the numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+
+from jaxpaged import envs
+from jaxpaged.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+def block_bytes(config: ModelConfig, block_size: int, dtype) -> int:
+    """Bytes of one block across all layers, K and V."""
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
+    return per_token * block_size * np.dtype(dtype).itemsize
+
+
+def blocks_per_seq(max_model_len: int, block_size: int) -> int:
+    return -(-max_model_len // block_size)
+
+
+def gpu_kv_budget(peak_bytes_in_use: int, gpu_memory_utilization: float) -> int:
+    """Bytes the pool may take, given the peak measured in the profiling step."""
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit", 0)
+    total = limit / envs.xla_mem_fraction()
+    budget = min(limit, gpu_memory_utilization * total)
+    logger.info(
+        "KV budget: %.2f GiB (limit %.2f GiB, utilization %.2f, peak in use %.2f GiB)",
+        (budget - peak_bytes_in_use) / 2**30, limit / 2**30, gpu_memory_utilization,
+        peak_bytes_in_use / 2**30,
+    )  # fmt: skip
+    return int(budget - peak_bytes_in_use)
+
+
+def num_blocks_from_bytes(budget: int, bytes_per_block: int) -> int:
+    # +1: block 0 is the null block, on top of the budget's usable blocks.
+    return max(budget // bytes_per_block, 0) + 1
+
+
+def check_fits(num_blocks: int, max_model_len: int, block_size: int, bytes_per_block: int):
+    need = blocks_per_seq(max_model_len, block_size)
+    if num_blocks - 1 < need:
+        raise ValueError(
+            f"The KV cache pool has {num_blocks - 1} usable blocks "
+            f"({(num_blocks - 1) * bytes_per_block / 2**20:.1f} MiB, {block_size} tokens each), "
+            f"but one max_model_len={max_model_len} sequence needs {need} blocks "
+            f"({need * bytes_per_block / 2**20:.1f} MiB). Increase gpu_memory_utilization / "
+            "num_kv_blocks / kv_cache_memory_bytes, or decrease max_model_len."
+        )
