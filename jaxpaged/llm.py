@@ -141,7 +141,9 @@ class LLM:
     # ---- set-up helpers -----------------------------------------------------------------
     @staticmethod
     def _load_tokenizer(path: str | None):
-        if path is None:
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        if path is None or not any(os.path.exists(os.path.join(path, n)) for n in names):
+            logger.warning("No tokenizer in %s: prompts must be token ids, text is empty.", path)
             return None
         from transformers import AutoTokenizer
 
