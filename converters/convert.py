@@ -1,10 +1,10 @@
 """`jaxpaged convert HF_DIR OUT_DIR`: a Hugging Face checkpoint -> an orbax param dir.
 
 Data flow: the HF dir is validated (config, every tensor's name and shape) before anything
-is written; the param tree is built leaf by leaf (converters.hf.iter_params), saved with
-orbax into a temp dir beside OUT_DIR as `params/`, the config, tokenizer and generation
-files are copied next to it, and only then is the temp dir renamed to OUT_DIR. A failure at
-any point removes the temp dir, so OUT_DIR is either complete or untouched.
+is written; the param tree is built leaf by leaf (converters.hf.iter_params) as CPU jax
+arrays, saved with orbax into a temp dir beside OUT_DIR as `params/`, the config, tokenizer
+and generation files are copied next to it, and only then is the temp dir renamed to
+OUT_DIR. A failure at any point removes the temp dir, so OUT_DIR is complete or untouched.
 
 Output layout:
     OUT_DIR/params/                orbax checkpoint of the nested-dict param tree
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from converters.hf import DTYPES, CheckpointError, convert_params, load_config, open_checkpoint
+from converters.hf import DTYPES, CheckpointError, iter_params, load_config, nest, open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def save_params(params: dict, path: str) -> None:
-    """Write a nested-dict tree of host arrays with orbax (synchronously)."""
+    """Write a nested-dict tree of CPU jax arrays with orbax (synchronously).
+
+    Measured on a 1.1B-param bf16 tree (2.2 GB): orbax copies numpy leaves wholesale for its
+    async writer (peak RSS 6.3 GB), while CPU jax arrays under a 1 GB concurrency cap add
+    only ~0.7 GB over the tree itself (3.3 GB); see docs/conversion.md.
+    """
     import orbax.checkpoint as ocp  # heavy import (jax); only the writing step needs it
 
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(path), params)
-        ckptr.wait_until_finished()
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1)
+    ocp.Checkpointer(handler).save(os.path.abspath(path), params)
+
+
+def host_params(hf_dir: str, config, dtype: str) -> dict:
+    """The param tree as CPU jax arrays, each leaf moved off numpy as soon as it is made."""
+    import jax
+
+    cpu = jax.devices("cpu")[0]
+    flat = {p: jax.device_put(a, cpu) for p, a in iter_params(hf_dir, config, dtype, True)}
+    return nest(flat)
 
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
@@ -96,7 +109,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool 
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become OUT_DIR's mode
     try:
         start = time.perf_counter()
-        params = convert_params(hf_dir, config, dtype, progress=True)
+        params = host_params(hf_dir, config, dtype)
         save_params(params, os.path.join(tmp, PARAMS_SUBDIR))
         del params
         for name in COPIED_FILES:
