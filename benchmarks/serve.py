@@ -1,8 +1,8 @@
 """Serving load generator for jaxpaged or any OpenAI-compatible server (loopback only).
 
-For each concurrency level, `--num-prompts` streaming /v1/completions requests are sent with
-at most `concurrency` in flight (each with ignore_eos and a fixed max_tokens, so every
-request generates exactly that many tokens), and we report request throughput, output
+For each concurrency level, max(--num-prompts, concurrency) streaming /v1/completions
+requests are sent with at most `concurrency` in flight (each with ignore_eos and a fixed
+max_tokens, so every request generates exactly that many tokens), and we report request throughput, output
 tokens/s, and TTFT and inter-token latency percentiles measured at the client from SSE
 chunk arrival times. Bounded in count (--num-prompts) and time (--max-seconds per level).
 
@@ -50,7 +50,10 @@ class RequestResult:
 def check_loopback(base_url: str) -> None:
     """Refuses anything but loopback: this tool must never load someone else's server."""
     host = urlparse(base_url).hostname or ""
-    addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        addrs = set()
     if not addrs or not all(ipaddress.ip_address(a).is_loopback for a in addrs):
         raise SystemExit(f"refusing non-loopback host {host!r} ({sorted(addrs)})")
 
@@ -106,7 +109,9 @@ async def run_level(args, concurrency: int) -> dict:
                 return await one_request(client, args, PROMPTS[i % len(PROMPTS)])
 
         start = time.perf_counter()
-        tasks = [asyncio.create_task(guarded(i)) for i in range(args.num_prompts)]
+        # At least one request per slot, so a level really reaches its concurrency.
+        num_requests = max(args.num_prompts, concurrency)
+        tasks = [asyncio.create_task(guarded(i)) for i in range(num_requests)]
         done, pending = await asyncio.wait(tasks, timeout=args.max_seconds)
         for task in pending:
             task.cancel()

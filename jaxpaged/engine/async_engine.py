@@ -178,8 +178,13 @@ class AsyncEngine:
                 self._queues[spec.request_id] = (loop, queue)
             self._commands.append(("add", specs, future))
             self._cv.notify()
-        await asyncio.wrap_future(future)
-        return OutputStream(self, [s.request_id for s in specs], queue)
+        request_ids = [s.request_id for s in specs]
+        try:
+            await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.abort(request_ids)  # the caller is gone (client disconnected) mid-add
+            raise
+        return OutputStream(self, request_ids, queue)
 
     async def generate(self, spec: RequestSpec):
         """One request's outputs; aborts it if the caller stops iterating early."""
