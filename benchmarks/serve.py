@@ -1,10 +1,11 @@
 """Serving load generator for jaxpaged or any OpenAI-compatible server (loopback only).
 
 For each concurrency level, max(--num-prompts, concurrency) streaming /v1/completions
-requests are sent with at most `concurrency` in flight (each with ignore_eos and a fixed
-max_tokens, so every request generates exactly that many tokens), and we report request throughput, output
-tokens/s, and TTFT and inter-token latency percentiles measured at the client from SSE
-chunk arrival times. Bounded in count (--num-prompts) and time (--max-seconds per level).
+requests are sent with at most `concurrency` in flight, each with ignore_eos and a fixed
+max_tokens so that every request generates exactly that many tokens. Reported: request
+throughput, output tokens/s, and TTFT and inter-token latency percentiles measured at the
+client from SSE chunk arrival times. Bounded in count (--num-prompts) and time
+(--max-seconds per level).
 
     python benchmarks/serve.py --base-url http://127.0.0.1:8000 --model NAME \
         --concurrency 1 5 10 20 64 --num-prompts 64 --max-tokens 64 --json out.json
