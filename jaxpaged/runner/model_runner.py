@@ -166,6 +166,9 @@ class ModelRunner:
                 self._compiled[key] = fut.result()
                 bar.update(1)
         bar.close()
+        self._init_row_compiled = self._init_row.lower(
+            self.penalty_state, np.int32(0), np.zeros(self.max_model_len, np.int32), np.int32(0)
+        ).compile()
         return time.perf_counter() - start
 
     @property
@@ -196,7 +199,7 @@ class ModelRunner:
     def _init_penalties(self, slot: int, token_ids: list[int], num_prompt: int) -> None:
         padded = np.full(self.max_model_len, -1, np.int32)
         padded[: len(token_ids)] = token_ids
-        self.penalty_state = self._init_row(
+        self.penalty_state = self._init_row_compiled(
             self.penalty_state, np.int32(slot), padded, np.int32(num_prompt)
         )
 
