@@ -146,11 +146,18 @@ def test_steady_state_never_compiles(tight_llm):
     try:
         rng = np.random.default_rng(4)
         prompts = [rng.integers(0, VOCAB, int(n)).tolist() for n in rng.integers(1, 120, 200)]
-        params = [SamplingParams(temperature=float(t), max_tokens=int(m), ignore_eos=True,
-                                 repetition_penalty=1.2 if i % 7 == 0 else 1.0,
-                                 logprobs=1 if i % 5 == 0 else None)
-                  for i, (t, m) in enumerate(zip(rng.choice([0.0, 0.8], 200),
-                                                 rng.integers(1, 40, 200)))]  # fmt: skip
+        temps = rng.choice([0.0, 0.8], 200)
+        max_tokens = rng.integers(1, 40, 200)
+        params = [
+            SamplingParams(
+                temperature=float(temps[i]),
+                max_tokens=int(max_tokens[i]),
+                ignore_eos=True,
+                repetition_penalty=1.2 if i % 7 == 0 else 1.0,
+                logprobs=1 if i % 5 == 0 else None,
+            )
+            for i in range(200)
+        ]
         outs = tight_llm.generate(prompts, params, use_tqdm=False)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
