@@ -36,7 +36,8 @@ def _build_llm(args: argparse.Namespace) -> LLM:
         load_format=args.load_format,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
+        # Only as many sequences as prompts: fewer step buckets to compile at start-up.
+        max_num_seqs=args.max_num_seqs or len(args.prompt),
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
         gpu_memory_utilization=args.gpu_memory_utilization,
