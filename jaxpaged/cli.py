@@ -1,4 +1,4 @@
-"""The `jaxpaged` command: convert, generate, serve.
+"""The `jaxpaged` command: convert, generate, serve, bench.
 
 Each subcommand's module provides `add_arguments(parser)` and `run(args) -> int`; user
 errors print one line on stderr and exit non-zero.
@@ -65,12 +65,21 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=server_cli.run)
 
 
+def _add_bench(sub) -> None:
+    from jaxpaged import bench
+
+    p = sub.add_parser("bench", help="offline throughput / latency benchmark")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxpaged", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_generate(sub)
     _add_serve(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -69,6 +69,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}.")
         if self.temperature < _EPS:
             # Greedy: the other sampling knobs have no effect, as in vLLM.
             self.temperature = 0.0

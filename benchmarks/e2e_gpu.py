@@ -1,0 +1,285 @@
+"""End-to-end GPU benchmark (issue 6): jaxpaged vs HF transformers vs the roofline, one run.
+
+    python benchmarks/e2e_gpu.py --out $OUT [--models llama3-8b,qwen3-0.6b] [--smoke]
+
+Every part runs in its own subprocess (JAX and torch each preallocate GPU memory):
+  ceilings   device copy bandwidth (bytes read + written) and bf16 matmul rate, via JAX
+  jaxpaged   per model: cold start (fresh compilation cache), warm start (same cache),
+             workloads (a) 256 x U[100,1024] in/out, (b) N x 128/128, (c) N x 1024/512,
+             (d) single-stream decode at context 512 and 4096; per-step device-idle fraction
+  xla        a plain unrolled-XLA decode step with a contiguous donated cache (baseline)
+  hf         transformers generate, static batching, bf16, its own random weights
+Roofline: floor per decode step = (weight bytes + KV bytes read) / measured copy bandwidth.
+Results: $OUT/e2e.json and a markdown table printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+
+# ---- parts (each runs in a fresh process) ----------------------------------------------
+def part_ceilings(smoke: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n = (1 << 20) if smoke else (1 << 30)  # 2 GiB of bf16
+    x = jnp.ones((n,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * 2)
+    _time(lambda: f(x), 3)
+    copy_s = _time(lambda: f(x), 10)
+    m = 512 if smoke else 8192
+    a = jax.random.normal(jax.random.key(0), (m, m), jnp.bfloat16)
+    mm = jax.jit(lambda p, q: p @ q)
+    _time(lambda: mm(a, a), 3)
+    mm_s = _time(lambda: mm(a, a), 10)
+    return {"copy_GBps": 2 * n * 2 / copy_s / 1e9, "matmul_TFLOPs": 2 * m**3 / mm_s / 1e12}
+
+
+def _time(fn, iters: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / iters
+
+
+def _idle_probe(llm):
+    """Record per-step dispatch and ready times around the compiled step calls."""
+    import jax
+
+    runner = llm.model_runner
+    marks = []
+
+    def wrap(exe):
+        def call(*args):
+            t0 = time.perf_counter()
+            out = exe(*args)
+            jax.block_until_ready(out[2].sampled)
+            marks.append((t0, time.perf_counter()))
+            return out
+
+        return call
+
+    runner._compiled = {k: wrap(v) for k, v in runner._compiled.items()}
+    return marks
+
+
+def _idle_fraction(marks) -> float:
+    if len(marks) < 3:
+        return float("nan")
+    busy = sum(b - a for a, b in marks[1:])
+    wall = marks[-1][1] - marks[0][1]
+    return 1.0 - busy / wall
+
+
+def part_jaxpaged(model: str, smoke: bool, cache_dir: str, workloads: list[str]) -> dict:
+    os.environ["JAXPAGED_COMPILATION_CACHE"] = cache_dir
+    from jaxpaged import bench
+    from jaxpaged.llm import LLM
+
+    start = time.perf_counter()
+    kw = dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=2048)
+    if smoke:
+        kw = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_blocks=200)
+        model = _tiny_config_dir(model)
+    llm = LLM(model, load_format="dummy", **kw)
+    res = {"startup_s": time.perf_counter() - start, "compile_s": llm.compile_seconds,
+           "num_buckets": llm.model_runner.num_compiled,
+           "num_kv_blocks": llm.model_runner.num_blocks}  # fmt: skip
+    scale = 0.02 if smoke else 1.0
+    specs = {
+        "a": dict(num_prompts=int(256 * scale) or 2, random_range=(100, 1024) if not smoke
+                  else (10, 60), input_len=0, output_len=0),
+        "b": dict(num_prompts=int(1000 * scale), input_len=128, output_len=128,
+                  random_range=None),
+        "c": dict(num_prompts=int(300 * scale), input_len=1024 if not smoke else 64,
+                  output_len=512 if not smoke else 32, random_range=None),
+    }  # fmt: skip
+    for name in workloads:
+        if name not in specs:
+            continue
+        args = argparse.Namespace(seed=0, **specs[name])
+        marks = _idle_probe(llm)
+        out = bench.run_throughput(llm, args)
+        out["device_idle_fraction"] = _idle_fraction(marks)
+        res[name] = out
+        llm.model_runner._compiled = {k: v.__closure__[0].cell_contents
+                                      for k, v in llm.model_runner._compiled.items()}  # fmt: skip
+    if "d" in workloads:
+        for ctx in (512, 4096) if not smoke else (64,):
+            args = argparse.Namespace(batch_size=1, input_len=ctx, output_len=64 if smoke else 256,
+                                      num_iters=2, seed=0)  # fmt: skip
+            res[f"d_ctx{ctx}"] = bench.run_latency(llm, args)
+    res["weight_bytes"] = sum(
+        x.nbytes for x in __import__("jax").tree.leaves(llm.model_runner.params)
+    )
+    c = llm.config.model
+    res["kv_bytes_per_token"] = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
+    return res
+
+
+TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=512)  # fmt: skip
+
+
+def _tiny_config_dir(model: str) -> str:
+    """A config.json of `model`'s family at toy size, for --smoke runs on CPU."""
+    from jaxpaged.models.loader import PRESETS
+
+    path = tempfile.mkdtemp(prefix="tiny-")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(PRESETS[model], **TINY), f)
+    return path
+
+
+def part_hf(model: str, smoke: bool) -> dict:
+    import torch
+    import transformers as tf
+
+    from jaxpaged.models.loader import PRESETS
+
+    cfg = dict(PRESETS[model])
+    cfg.pop("model_type", None)
+    cls = tf.Qwen3Config if model.startswith("qwen3") else tf.LlamaConfig
+    if smoke:
+        cfg.update(TINY)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        hf = tf.AutoModelForCausalLM.from_config(cls(**cfg), dtype=torch.bfloat16).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    res = {}
+    cases = [("b_batch128", 128, 128, 128), ("d_ctx512", 1, 512, 128)]
+    if smoke:
+        cases = [("b_batch128", 4, 16, 8), ("d_ctx512", 1, 32, 8)]
+    for name, batch, n_in, n_out in cases:
+        ids = torch.randint(0, cfg["vocab_size"], (batch, n_in), device=device)
+        gen = dict(max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False)
+        with torch.no_grad():
+            hf.generate(ids, **gen)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            hf.generate(ids, **gen)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        res[name] = {"output_tokens_per_s": batch * n_out / elapsed, "elapsed_s": elapsed}
+    return res
+
+
+def part_xla(model: str, smoke: bool) -> dict:
+    from benchmarks.xla_decode_baseline import measure
+
+    return measure(model, smoke)
+
+
+PARTS = {"ceilings": part_ceilings, "jaxpaged": part_jaxpaged, "hf": part_hf, "xla": part_xla}
+
+
+def _spawn(part: str, payload: dict) -> dict:
+    cmd = [sys.executable, __file__, "--part", part, "--payload", json.dumps(payload)]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3000)
+    sys.stderr.write(proc.stderr[-3000:])
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": f"exit {proc.returncode}: {proc.stderr[-800:]}"}
+
+
+def _num(x, spec: str = ",.0f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def _table(results: dict) -> str:
+    bw = results["ceilings"].get("copy_GBps", float("nan")) * 1e9
+    rows = ["| model | measure | jaxpaged | HF | ratio / roofline |", "|---|---|---|---|---|"]
+    for model, r in results["models"].items():
+        jp, hf = r.get("jaxpaged", {}), r.get("hf", {})
+        hf_b = hf.get("b_batch128", {}).get("output_tokens_per_s")
+        for w in ("a", "b", "c"):
+            if w not in jp:
+                continue
+            tok, idle = jp[w]["output_tokens_per_s"], jp[w]["device_idle_fraction"]
+            ref = hf_b if w == "b" else None
+            ratio = f"{tok / ref:.1f}x HF (static batch 128)" if ref else ""
+            rows.append(
+                f"| {model} | ({w}) output tok/s (device idle {idle:.0%}) | {_num(tok)} "
+                f"| {_num(ref)} | {ratio} |"
+            )
+        for key in [k for k in jp if k.startswith("d_ctx")]:
+            ms, ctx = jp[key]["per_output_token_ms"], int(key[5:])
+            floor = (jp["weight_bytes"] + jp["kv_bytes_per_token"] * ctx) / bw * 1e3
+            ref = hf.get("d_ctx512", {}).get("output_tokens_per_s") if ctx == 512 else None
+            rows.append(
+                f"| {model} | (d) ms/token, ctx {ctx} | {ms:.2f} | "
+                f"{_num(ref and 1e3 / ref, '.2f')} | {ms / floor:.2f}x floor "
+                f"({floor:.2f} ms) |"
+            )
+        if "startup_s" in jp:
+            warm = r.get("jaxpaged_warm", {}).get("startup_s")
+            rows.append(
+                f"| {model} | start-up s, cold / warm cache | {jp['startup_s']:.1f} / "
+                f"{_num(warm, '.1f')} | | {jp['num_buckets']} buckets |"
+            )
+        for key, val in r.get("xla", {}).items():
+            if isinstance(val, dict):
+                rows.append(
+                    f"| {model} | plain XLA decode {key} | | | "
+                    f"{val['tokens_per_s']:,.0f} tok/s ({val['ms_per_step']:.2f} ms) |"
+                )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", default=None)
+    ap.add_argument("--payload", default="{}")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--models", default="qwen3-0.6b,llama3-8b")
+    ap.add_argument("--workloads", default="a,b,c,d")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip (hf, xla, warm)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, runs on CPU")
+    args = ap.parse_args()
+    if args.part:
+        print("RESULT " + json.dumps(PARTS[args.part](**json.loads(args.payload))))
+        return
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    skip = set(args.skip.split(","))
+    results = {"ceilings": _spawn("ceilings", {"smoke": args.smoke}), "models": {}}
+    print("ceilings", results["ceilings"], flush=True)
+    for model in args.models.split(","):
+        cache = tempfile.mkdtemp(prefix="xla-cache-")
+        r = results["models"][model] = {}
+        payload = {"model": model, "smoke": args.smoke, "cache_dir": cache,
+                   "workloads": args.workloads.split(",")}  # fmt: skip
+        r["jaxpaged"] = _spawn("jaxpaged", payload)
+        print(model, "jaxpaged", r["jaxpaged"], flush=True)
+        if "warm" not in skip:
+            r["jaxpaged_warm"] = _spawn("jaxpaged", dict(payload, workloads=[]))
+        if "xla" not in skip:
+            r["xla"] = _spawn("xla", {"model": model, "smoke": args.smoke})
+        if "hf" not in skip:
+            r["hf"] = _spawn("hf", {"model": model, "smoke": args.smoke})
+        with open(os.path.join(args.out, "e2e.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    print(_table(results))
+
+
+if __name__ == "__main__":
+    main()
