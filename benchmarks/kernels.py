@@ -1,6 +1,6 @@
 """Paged-attention kernel benchmark: one run on one GPU answers the kernel issue's questions.
 
-    PYTHONPATH=. python3 benchmarks/kernels.py --mode final --out $OUT
+    PYTHONPATH=. python3 benchmarks/kernels.py --mode check+final --out $OUT
 
 Modes: `check` (GPU agreement with the references), `tune` (layouts and tile configs at a few
 points), `final` (the Llama-3-8B grid against JAX's stock Pallas kernel, an XLA gather+einsum
@@ -161,19 +161,22 @@ def decode_point(lens, rng, methods, ours_cfg=None, layout="NHD", pool=None):
                 ms = device_ms(f, [(q, pool.k, pool.v, bt, pool.sl) for bt in pool.bts[:2]])
             elif name == "cudnn":
                 s = int(pool.lens.max())
-                kk = jax.random.normal(jax.random.key(3), (b, s, K, D), DT)
+                keys = jax.random.split(jax.random.key(3), 2 * pool.n_sets)
+                kv = [jax.random.normal(kk, (b, s, K, D), DT) for kk in keys]
                 f = jax.jit(
-                    lambda q, kk, sl: jax.nn.dot_product_attention(
+                    lambda q, kk, vv, sl: jax.nn.dot_product_attention(
                         q[:, None],
                         kk,
-                        kk,
+                        vv,
                         query_seq_lengths=jnp.ones_like(sl),
                         key_value_seq_lengths=sl,
                         implementation="cudnn",
                     )
                 )
-                ms = device_ms(f, [(q, kk, pool.sl)])
-                del kk
+                ms = device_ms(
+                    f, [(q, kv[2 * i], kv[2 * i + 1], pool.sl) for i in range(pool.n_sets)]
+                )
+                del kv
             res[name] = (ms, useful / (ms * 1e-3))
         except Exception as e:
             print(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -239,84 +242,57 @@ def check(rng):
             vc = jnp.asarray(rng.standard_normal(shape), DT)
             q = jnp.asarray(rng.standard_normal((len(lens), kh * g, d)), DT)
             bt, sl = jnp.asarray(bt), jnp.asarray(np.array(lens, np.int32))
-            for splits in (1, 4):
-                cfg = KernelConfig(num_splits=splits)
+            ref = decode_paged_attention_reference(q, kc, vc, bt, sl, scale=d**-0.5, layout=layout)
+            for splits, bk, reg in ((1, 64, True), (1, 128, False), (4, 64, True), (3, 128, True)):
+                cfg = KernelConfig(block_kv=bk, num_splits=splits, p_in_registers=reg)
                 o = decode_paged_attention(
                     q, kc, vc, bt, sl, scale=d**-0.5, layout=layout, config=cfg
                 )
-                r = decode_paged_attention_reference(
-                    q, kc, vc, bt, sl, scale=d**-0.5, layout=layout
-                )
-                err = float(jnp.abs(o.astype(jnp.float32) - r.astype(jnp.float32)).max())
+                err = float(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32)).max())
                 worst = max(worst, err)
-                print(
-                    f"check decode {layout} g={g} d={d} bs={bs} splits={splits}: max|err|={err:.4f}"
-                )
+                print(f"check decode {layout} g={g} d={d} bs={bs} {cfg}: max|err|={err:.4f}")
             qlens = np.minimum([1, 15, 16, 17, 200, 300, 0, 64], lens)
             qsl = jnp.asarray(np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32))
             t = int(qsl[-1])
             qr = jnp.asarray(rng.standard_normal((t, kh * g, d)), DT)
-            o = ragged_paged_attention(qr, kc, vc, bt, sl, qsl, scale=d**-0.5, layout=layout)
-            r = ragged_paged_attention_reference(
+            ref = ragged_paged_attention_reference(
                 qr, kc, vc, bt, sl, qsl, scale=d**-0.5, layout=layout
             )
-            err = float(jnp.abs(o.astype(jnp.float32) - r.astype(jnp.float32)).max())
-            worst = max(worst, err)
-            print(f"check ragged {layout} g={g} d={d} bs={bs}: max|err|={err:.4f}")
+            for bk, reg in ((64, True), (128, True), (64, False)):
+                cfg = KernelConfig(block_kv=bk, p_in_registers=reg)
+                o = ragged_paged_attention(
+                    qr, kc, vc, bt, sl, qsl, scale=d**-0.5, layout=layout, config=cfg
+                )
+                err = float(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+                worst = max(worst, err)
+                print(f"check ragged {layout} g={g} d={d} bs={bs} {cfg}: max|err|={err:.4f}")
     print(f"check worst max|err| = {worst:.4f}")
     return worst
 
 
 def tune(rng, out):
+    """Tile configs (block_kv, stages, P in registers or SMEM) and split counts."""
     rows = []
-    points = [(32, 2048), (128, 8192), (1, 8192), (8, 2048), (128, 512)]
-    for b, ctx in points:
+    variants = [(64, 2, True), (64, 3, True), (128, 2, True), (64, 2, False), (128, 2, False)]
+    for b, ctx in [(32, 2048), (128, 8192), (1, 8192), (8, 2048), (128, 512), (64, 2048)]:
         base = decode_config(b, K, D, BS, -(-ctx // BS // 8) * 8 * BS)
-        for layout in ("NHD", "HND"):
-            pool = Pool([ctx] * b, layout)
-            for bk, st in ((64, 2), (64, 3), (128, 2)):
-                cfg = KernelConfig(block_kv=bk, num_stages=st, num_splits=base.num_splits)
-                r = decode_point([ctx] * b, rng, ["ours"], cfg, layout, pool)
-                rows.append(
-                    dict(
-                        b=b,
-                        ctx=ctx,
-                        layout=layout,
-                        bk=bk,
-                        st=st,
-                        splits=cfg.num_splits,
-                        ms=r["ours"][0],
-                        bw=r["ours"][1],
-                    )
-                )
+        pool = Pool([ctx] * b)
+        for bk, st, reg in variants:
+            cfg = KernelConfig(bk, st, base.num_splits, reg)
+            r = decode_point([ctx] * b, rng, ["ours"], cfg, pool=pool)["ours"]
+            rows.append(dict(b=b, ctx=ctx, bk=bk, st=st, reg=reg, splits=cfg.num_splits, ms=r[0]))
+            print(rows[-1], flush=True)
+        for sp in sorted({max(1, base.num_splits // 2), base.num_splits * 2} - {base.num_splits}):
+            for bk in (64, 128):
+                cfg = KernelConfig(block_kv=bk, num_splits=sp)
+                r = decode_point([ctx] * b, rng, ["ours"], cfg, pool=pool)["ours"]
+                rows.append(dict(b=b, ctx=ctx, bk=bk, st=2, reg=True, splits=sp, ms=r[0]))
                 print(rows[-1], flush=True)
-        for sp in sorted({max(1, base.num_splits // 2), base.num_splits * 2}):
-            cfg = KernelConfig(num_splits=sp)
-            r = decode_point([ctx] * b, rng, ["ours"], cfg, "HND", pool)
-            rows.append(
-                dict(
-                    b=b,
-                    ctx=ctx,
-                    layout="HND",
-                    bk=64,
-                    st=2,
-                    splits=sp,
-                    ms=r["ours"][0],
-                    bw=r["ours"][1],
-                )
-            )
-            print(rows[-1], flush=True)
-        r = decode_point([ctx] * b, rng, ["stock"], pool=Pool([ctx] * b))
-        rows.append(dict(b=b, ctx=ctx, method="stock", ms=r["stock"][0], bw=r["stock"][1]))
+        del pool
+    for bk, st, reg in variants:
+        ms, fl = prefill_point(2048, 2048, rng, KernelConfig(bk, st, 1, reg))
+        rows.append(dict(prefill=True, bk=bk, st=st, reg=reg, ms=ms, tflops=fl / 1e12))
         print(rows[-1], flush=True)
-    for bk, st in ((64, 2), (64, 3), (128, 2)):
-        ms, fl = prefill_point(2048, 2048, rng, KernelConfig(block_kv=bk, num_stages=st))
-        rows.append(dict(prefill=True, bk=bk, st=st, ms=ms, tflops=fl / 1e12))
-        print(rows[-1], flush=True)
-    for layout in ("NHD", "HND"):
-        for t in (128, 2048):
-            rows.append(dict(kv_write=True, layout=layout, t=t, ms=kv_write_point(t, layout)))
-            print(rows[-1], flush=True)
     json.dump(rows, open(f"{out}/tune.json", "w"), indent=1)
 
 
@@ -357,28 +333,39 @@ def final(rng, out):
         device=str(jax.devices()[0].device_kind),
     )
     json.dump(summary, open(f"{out}/final.json", "w"), indent=1)
+    print_table(summary)
+
+
+def print_table(summary):
+    nan = float("nan")
     print(
-        f"\ndevice {summary['device']}, jax {jax.__version__}, copy {copy_bw / 1e12:.2f} TB/s, matmul {mm / 1e12:.0f} TFLOP/s"
+        f"\ndevice {summary['device']}, jax {summary['jax']}, copy "
+        f"{summary['copy_tbs']:.2f} TB/s, bf16 matmul {summary['matmul_tflops']:.0f} TFLOP/s"
     )
-    print(
-        f"{'batch':>9} {'ctx':>8} | {'ours us':>8} {'%bw':>5} | {'stock us':>8} {'%bw':>5} | {'xla us':>8} | {'cudnn us':>8} {'%bw':>5} | ours/stock"
-    )
-    for r in rows:
-        g = lambda k: r.get(k, float("nan"))  # noqa: E731
+    head = ["batch", "ctx", "ours us", "%copy", "stock us", "%copy", "xla us", "%copy"]
+    print(" ".join(f"{h:>9}" for h in head + ["cudnn us", "%copy", "stock/ours"]))
+    for r in summary["decode"]:
+        cells = [str(r["batch"]), str(r["ctx"])]
+        for m in ("ours", "stock", "xla", "cudnn"):
+            cells += [f"{1e3 * r.get(m, nan):.1f}", f"{r.get(m + '_pct', nan):.1f}"]
+        cells.append(f"{r.get('stock', nan) / r.get('ours', nan):.2f}x")
+        print(" ".join(f"{c:>9}" for c in cells))
+    for p in summary["prefill"]:
         print(
-            f"{r['batch']!s:>9} {r['ctx']!s:>8} | {1e3 * g('ours'):8.1f} {g('ours_pct'):5.1f} | {1e3 * g('stock'):8.1f} {g('stock_pct'):5.1f} | "
-            f"{1e3 * g('xla'):8.1f} | {1e3 * g('cudnn'):8.1f} {g('cudnn_pct'):5.1f} | {g('stock') / g('ours'):.2f}x"
+            f"prefill {p['reqs']} x {p['chunk']}-token chunk, {p['history']} history: "
+            f"{1e3 * p['ms']:.0f} us, {p['tflops']:.0f} TFLOP/s = {p['pct_matmul']:.0f}% of matmul"
         )
-    for p in pf:
-        print(
-            f"prefill chunk {p['chunk']} x{p['reqs']} hist {p['history']}: {1e3 * p['ms']:.0f} us, {p['tflops']:.0f} TFLOP/s = {p['pct_matmul']:.0f}% of matmul"
-        )
+    kvw = summary["kv_write_ms"]
     print("kv write (scatter, us):", {k: round(1e3 * v, 1) for k, v in kvw.items()})
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", default="final", choices=["check", "tune", "final", "check+tune"])
+    ap.add_argument(
+        "--mode",
+        default="final",
+        choices=["check", "tune", "final", "check+tune", "check+final", "check+tune+final"],
+    )
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -390,8 +377,7 @@ def main():
             print(f"check failed: {type(e).__name__}: {str(e)[:3000]}", flush=True)
     if "tune" in args.mode:
         tune(rng, args.out)
-    if args.mode == "final":
-        check(rng)
+    if "final" in args.mode:
         final(rng, args.out)
 
 

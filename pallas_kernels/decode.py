@@ -28,13 +28,13 @@ def _pad_block_tables(block_tables: jax.Array, multiple: int) -> jax.Array:
 
 
 def _merge_splits(o_part: jax.Array, lse: jax.Array, group: int) -> jax.Array:
-    """o_part f32[S, K, B * G, D], lse f32[S, K, B, 64] -> f32[K, B * G, D]."""
+    """o_part [S, K, B * G, D], lse f32[S, K, B, 64] -> f32[K, B * G, D]."""
     s, kh, rows, d = o_part.shape
     lse = lse[..., :group].reshape(s, kh, rows)
     top = jnp.max(lse, axis=0)
     w = jnp.exp2(lse - jnp.where(jnp.isfinite(top), top, 0.0)[None])
     total = jnp.sum(w, axis=0)
-    out = jnp.einsum("skr,skrd->krd", w, o_part)
+    out = jnp.einsum("skr,skrd->krd", w, o_part.astype(jnp.float32))
     return out / jnp.where(total > 0, total, 1.0)[..., None]
 
 

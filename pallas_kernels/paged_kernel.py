@@ -31,7 +31,9 @@ LOG2E = math.log2(math.e)
 _WG = plgpu.Layout.WGMMA
 
 
-def _make_kernel(*, group, tokens_per_tile, head_dim, block_size, cfg, layout, dtype, scale):
+def _make_kernel(
+    *, group, tokens_per_tile, head_dim, block_size, cfg, layout, dtype, scale, p_in_registers
+):
     bk, stages, splits = cfg.block_kv, cfg.num_stages, cfg.num_splits
     pages_per_step = bk // block_size
     q_rows = tokens_per_tile * group
@@ -42,7 +44,10 @@ def _make_kernel(*, group, tokens_per_tile, head_dim, block_size, cfg, layout, d
             (o_ref,), lse_ref, scratch = refs[:1], None, refs[1:]
         else:
             (o_ref, lse_ref), scratch = refs[:2], refs[2:]
-        q_stage, q_smem, p_smem, k_smem, v_smem, o_smem, lse_smem, q_bar, k_bar, v_bar = scratch
+        if p_in_registers:
+            scratch = scratch[:2] + (None,) + tuple(scratch[2:])
+        q_stage, q_smem, p_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar = scratch
+        o_smem = q_stage  # free once Q is in its swizzled buffer
         tile, h, split = (lax.axis_index(n) for n in ("tile", "kv_head", "split"))
         req, t0, ntok, p0 = (meta_ref[i, tile] for i in range(4))
         kv_len = jnp.where(ntok > 0, jnp.maximum(p0 + ntok, 0), 0)
@@ -112,13 +117,21 @@ def _make_kernel(*, group, tokens_per_tile, head_dim, block_size, cfg, layout, d
                 v_smem.at[slot][...] = jnp.where(vrow + key0 < kv_len, v, jnp.zeros_like(v))
                 plgpu.commit_smem()
 
-            def pv(o_ref_):
-                p_smem[...] = p.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.wgmma(o_ref_, p_smem, v_smem.at[slot])
-                return o_ref_[...]
+            if p_in_registers:  # P as the register A operand (not in interpret mode)
 
-            acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
+                def pv_acc(acc_ref):
+                    plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+
+                acc = pl.run_state(pv_acc)(plgpu.ACC.init(acc))
+            else:  # P staged through SMEM
+
+                def pv(o_ref_):
+                    p_smem[...] = p.astype(dtype)
+                    plgpu.commit_smem()
+                    plgpu.wgmma(o_ref_, p_smem, v_smem.at[slot])
+                    return o_ref_[...]
+
+                acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
             pl.when(j + stages < my_steps)(lambda: issue(j + stages))
             return acc, m_new, l_i
 
@@ -176,33 +189,36 @@ def paged_attention_call(
     num_tokens: int,
     interpret: bool = False,
 ):
-    """Returns o_t [K, num_tokens * G, D] (splits == 1) or (o_part f32[S, K, num_tokens * G, D],
-    lse f32[S, K, num_tokens, 64]) for split-K."""
+    """Returns o_t [K, num_tokens * G, D] (splits == 1) or, for split-K, (o_part [S, K,
+    num_tokens * G, D] in q's dtype, normalized per split, and lse f32[S, K, num_tokens, 64])."""
     kh, _, d = q_t.shape
     dtype, splits, bk, stages = q_t.dtype, config.num_splits, config.block_kv, config.num_stages
+    # Mosaic GPU interpret mode has no register-operand wgmma: P goes through SMEM there.
+    p_in_registers = config.p_in_registers and not interpret
     kernel = _make_kernel(
         group=group, tokens_per_tile=tokens_per_tile, head_dim=d, block_size=block_size,
-        cfg=config, layout=layout, dtype=dtype, scale=scale,
+        cfg=config, layout=layout, dtype=dtype, scale=scale, p_in_registers=p_in_registers,
     )  # fmt: skip
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
-        plgpu.SMEM((ROWS, d), dtype),  # q stage (untiled)
-        plgpu.SMEM((ROWS, d), dtype, transforms=tiled),  # q operand
-        plgpu.SMEM((ROWS, bk), dtype, transforms=tiled),  # P operand
+        plgpu.SMEM((ROWS, d), dtype),  # Q stage (untiled), then O stage
+        plgpu.SMEM((ROWS, d), dtype, transforms=tiled),  # Q operand
+        plgpu.SMEM((ROWS, bk), dtype, transforms=tiled),  # P (unless in registers)
         plgpu.SMEM((stages, bk, d), dtype, transforms=tiled),  # K tiles
         plgpu.SMEM((stages, bk, d), dtype, transforms=tiled),  # V tiles
-        plgpu.SMEM((ROWS, d), dtype if splits == 1 else jnp.float32),  # O stage
         plgpu.SMEM((ROWS,), jnp.float32),  # log2-sum-exp stage
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_arrivals=bk // block_size, num_barriers=stages),
         plgpu.Barrier(num_arrivals=bk // block_size, num_barriers=stages),
     ]
+    if p_in_registers:
+        del scratch[2]
     rows_out = num_tokens * group
     if splits == 1:
         out_type = jax.ShapeDtypeStruct((kh, rows_out, d), dtype)
     else:
         out_type = (
-            jax.ShapeDtypeStruct((splits, kh, rows_out, d), jnp.float32),
+            jax.ShapeDtypeStruct((splits, kh, rows_out, d), dtype),
             jax.ShapeDtypeStruct((splits, kh, num_tokens, ROWS), jnp.float32),
         )
     call = plgpu.kernel(
