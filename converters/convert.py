@@ -127,6 +127,12 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool 
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: user errors become one line on stderr and exit status 1."""
+    if "jax" not in sys.modules:  # a fresh CLI process; else the host program owns jax's setup
+        import jax
+
+        # Conversion needs no accelerator. On an H100 host, letting JAX bring up CUDA beside
+        # orbax's writer cost 2.2 GB more host RSS for the 1.1B model (6.1 vs 3.8 GB).
+        jax.config.update("jax_platforms", "cpu")
     try:
         convert(args.hf_dir, args.out_dir, args.dtype, args.overwrite)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
