@@ -92,7 +92,7 @@ def part_jaxpaged(model: str, smoke: bool, cache_dir: str, workloads: list[str])
     from jaxpaged.llm import LLM
 
     start = time.perf_counter()
-    kw = dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=2048)
+    kw = dict(max_model_len=4608, max_num_seqs=256, max_num_batched_tokens=2048)
     if smoke:
         kw = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_blocks=200)
         model = _tiny_config_dir(model)

@@ -68,7 +68,8 @@ def get_backend(name: str) -> AttentionBackend:
     if name == "pallas":
         from jaxpaged.attention.pallas import PallasBackend
 
-        return PallasBackend()
+        # Off the GPU the kernels can only run in Pallas interpret mode (slow; for tests).
+        return PallasBackend(interpret=jax.default_backend() != "gpu")
     raise ValueError(f"Unknown attention backend {name!r}; choose 'reference' or 'pallas'.")
 
 

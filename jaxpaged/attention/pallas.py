@@ -11,6 +11,7 @@ says why). Call it under jax.jit with the KV caches donated so both updates stay
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jaxpaged.attention.backend import KVCache
 from jaxpaged.attention.metadata import AttentionMetadata
@@ -46,6 +47,11 @@ class PallasBackend:
     ) -> tuple[jax.Array, KVCache]:  # out [T, H, D]
         k_cache, v_cache = kv_cache
         dtype = k_cache.dtype
+        if dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(
+                f"The pallas attention backend needs a bfloat16 or float16 KV cache, got "
+                f"{dtype}; use dtype='bfloat16' or attention_backend='reference'."
+            )
         k_cache, v_cache = write_kv(
             k_cache, v_cache, k.astype(dtype), v.astype(dtype), md.slot_mapping, layout=self.layout
         )
