@@ -20,7 +20,13 @@ from tqdm.auto import tqdm
 
 from jaxpaged import envs
 from jaxpaged.attention.backend import default_backend_name, get_backend
-from jaxpaged.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxpaged.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from jaxpaged.engine.engine import Engine
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.runner import kv_sizing
@@ -85,7 +91,15 @@ class LLM:
         attention_backend: str | None = None,
         enable_chunked_prefill: bool = True,
         show_progress: bool = True,
+        tensor_parallel_size: int = 1,
+        distributed_coordinator: str | None = None,
+        num_processes: int = 1,
+        process_id: int = 0,
     ) -> None:
+        if distributed_coordinator is not None:
+            from jaxpaged.sharding import init_distributed
+
+            init_distributed(distributed_coordinator, num_processes, process_id)
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}.")
         if not 0.0 < gpu_memory_utilization <= 1.0:
@@ -110,11 +124,14 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill,
         )
         self.backend = get_backend(attention_backend or default_backend_name())
-        params = self._load_params(model_config, load_format, seed)
-        bytes_per_block = kv_sizing.block_bytes(model_config, block_size, self.dtype)
+        run_config, shardings, plan = self._setup_tp(model_config, tensor_parallel_size)
+        params = self._load_params(model_config, load_format, seed, shardings, plan)
+        bytes_per_block = kv_sizing.block_bytes(
+            run_config, block_size, self.dtype, tensor_parallel_size
+        )
         min_blocks = kv_sizing.blocks_per_seq(max_model_len, block_size) + 1
         runner = ModelRunner(
-            model_config, params, self.backend, self.dtype,
+            run_config, params, self.backend, self.dtype, mesh_shardings=shardings,
             num_blocks=num_kv_blocks or min_blocks, block_size=block_size,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
@@ -133,7 +150,8 @@ class LLM:
         logger.info("KV pool: %d blocks of %d tokens", runner.num_blocks, block_size)
         self.compile_seconds = runner.compile_all(show_progress)
         cache_config = CacheConfig(block_size, runner.num_blocks, enable_prefix_caching)
-        self.config = EngineConfig(model_config, cache_config, scheduler_config)
+        parallel = ParallelConfig(tensor_parallel_size)
+        self.config = EngineConfig(model_config, cache_config, scheduler_config, parallel)
         self.model_runner = runner
         self.engine = Engine(self.config, runner, self.tokenizer, seed=seed)
         self._counter = itertools.count()
@@ -164,12 +182,41 @@ class LLM:
             )
         return requested
 
-    def _load_params(self, config: ModelConfig, load_format: str, seed: int):
+    def _setup_tp(self, config: ModelConfig, tp: int):
+        """-> (config the model runs with, MeshShardings or None, TPPlan or None). tp == 1
+        in one process: no mesh, no shard_map, the single-device path unchanged."""
+        if tp == 1 and jax.process_count() == 1:
+            return config, None, None
+        from jaxpaged import sharding
+        from jaxpaged.models.llama import build_model
+
+        plan = sharding.plan_tp(config, tp)
+        mesh = sharding.make_mesh(tp)
+        self.backend = sharding.shard_attention(self.backend, mesh)
+        model = build_model(plan.config, self.backend, self.dtype)
+        logger.info("tp=%d over %s; kv heads replicated x%d", tp, mesh.devices.tolist(),
+                    plan.kv_replication)  # fmt: skip
+        return plan.config, sharding.make_shardings(model, mesh, plan), plan
+
+    def _load_params(self, config: ModelConfig, load_format: str, seed: int, shardings, plan):
+        """Every leaf goes straight to its shards; kv heads are replicated after loading
+        (on device, leaf by leaf) when tp needs more kv heads than the checkpoint has."""
         from jaxpaged.models.loader import dummy_params, load_params
 
+        targets = None
+        if shardings is not None:
+            from jaxpaged.sharding import load_shardings
+
+            targets = load_shardings(shardings.params, plan)
         if load_format == "dummy":
-            return dummy_params(config, self.dtype, seed=seed)
-        return load_params(self.model_path, config, self.dtype)
+            params = dummy_params(config, self.dtype, targets, seed=seed)
+        else:
+            params = load_params(self.model_path, config, self.dtype, targets)
+        if plan is not None:
+            from jaxpaged.sharding import replicate_kv_heads
+
+            params = replicate_kv_heads(params, plan, shardings.params)
+        return params
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -22,10 +22,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
-def block_bytes(config: ModelConfig, block_size: int, dtype) -> int:
-    """Bytes of one block across all layers, K and V."""
+def block_bytes(config: ModelConfig, block_size: int, dtype, tensor_parallel_size: int = 1) -> int:
+    """Bytes of one block across all layers, K and V, on each device: the pool is split
+    over kv heads, so each of tp devices holds num_kv_heads / tp of every block."""
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
-    return per_token * block_size * np.dtype(dtype).itemsize
+    return per_token * block_size * np.dtype(dtype).itemsize // tensor_parallel_size
 
 
 def blocks_per_seq(max_model_len: int, block_size: int) -> int:
@@ -37,7 +38,10 @@ def gpu_kv_budget(peak_bytes_in_use: int, gpu_memory_utilization: float) -> int:
     stats = jax.devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit", 0)
     total = limit / envs.xla_mem_fraction()
-    budget = min(limit, gpu_memory_utilization * total)
+    # Headroom inside the allocator: the profiled step is one bucket; the others, cuBLAS
+    # workspaces and fragmentation need some slack (without it, steps after sizing OOMed).
+    headroom = max(1 << 30, int(0.05 * limit))
+    budget = min(limit - headroom, gpu_memory_utilization * total)
     logger.info(
         "KV budget: %.2f GiB (limit %.2f GiB, utilization %.2f, peak in use %.2f GiB)",
         (budget - peak_bytes_in_use) / 2**30, limit / 2**30, gpu_memory_utilization,

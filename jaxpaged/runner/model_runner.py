@@ -13,6 +13,7 @@ not a reason to compile in the serving loop.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,6 +98,8 @@ class ModelRunner:
         self.penalty_state = PenaltyState(
             jnp.zeros((max_num_seqs + 1, v), jnp.int32), jnp.zeros((max_num_seqs + 1, v), bool)
         )
+        if mesh_shardings is not None:
+            self.penalty_state = jax.device_put(self.penalty_state, mesh_shardings.replicated)
         self._step = jax.jit(self._step_fn, donate_argnames=("kv_caches", "penalty_state"))
         self._init_row = jax.jit(init_penalty_row, donate_argnames=("state",))
         self._compiled: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
@@ -121,7 +124,7 @@ class ModelRunner:
         """Run the largest bucket once (all padding) and return the device's peak bytes."""
         key = max(self.buckets.all_keys())
         hs = self.input_batch.prepare(*(np.zeros(0, np.int32),) * 3, key[0], key[1])
-        inputs = jax.device_put(_to_inputs(hs, key[2], True), self._input_sharding())
+        inputs = self._put_inputs(_to_inputs(hs, key[2], True))
         step = self._step.lower(self.params, self.kv_caches, self.penalty_state, inputs).compile()
         self.kv_caches, self.penalty_state, out = step(
             self.params, self.kv_caches, self.penalty_state, inputs
@@ -137,6 +140,13 @@ class ModelRunner:
             inputs.logits_indices,
         )  # fmt: skip
         out, penalty_state = sample(logits, inputs.sampling, penalty_state, inputs.want_logprobs)
+        if self.shardings is not None:
+            # Pin the layouts: the pool stays split (so donation is in place) and what the
+            # host fetches is replicated (every process can read it).
+            kv_caches = jax.lax.with_sharding_constraint(kv_caches, self.shardings.kv_cache)
+            penalty_state, out = jax.lax.with_sharding_constraint(
+                (penalty_state, out), self.shardings.replicated
+            )
         return kv_caches, penalty_state, out
 
     def _abstract_inputs(self, num_tokens: int, num_reqs: int, decode_only: bool) -> StepInputs:
@@ -144,8 +154,10 @@ class ModelRunner:
         counts = np.zeros(num_reqs, np.int32)
         hs = self.input_batch.prepare(slots[:0], slots[:0], counts[:0], num_tokens, num_reqs)
         inputs = _to_inputs(hs, decode_only, False)
+        sharding = self._input_sharding()
         return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), inputs
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding),
+            inputs,
         )
 
     def compile_all(self, show_progress: bool = True) -> float:
@@ -160,7 +172,7 @@ class ModelRunner:
             for key in keys
         }
         bar = tqdm(total=len(keys), desc="Compiling step buckets", disable=not show_progress)
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        with ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 4) // 2)) as pool:
             futures = {key: pool.submit(low.compile) for key, low in lowered.items()}
             for key, fut in futures.items():
                 self._compiled[key] = fut.result()
@@ -216,7 +228,7 @@ class ModelRunner:
         key = self.buckets.select(int(counts.sum()), len(req_ids), bool((counts == 1).all()))
         hs = batch.prepare(slots, start_arr, counts, key[0], key[1])
         want_lp = bool((batch.logprobs[slots] >= 0).any())
-        inputs = jax.device_put(_to_inputs(hs, key[2], want_lp), self._input_sharding())
+        inputs = self._put_inputs(_to_inputs(hs, key[2], want_lp))
         self.kv_caches, self.penalty_state, out = self._compiled[key](
             self.params, self.kv_caches, self.penalty_state, inputs
         )
@@ -224,6 +236,11 @@ class ModelRunner:
 
     def _input_sharding(self):
         return None if self.shardings is None else self.shardings.replicated
+
+    def _put_inputs(self, inputs: StepInputs) -> StepInputs:
+        if self.shardings is None:
+            return jax.device_put(inputs)
+        return self.shardings.put_replicated(inputs)
 
     def _collect(self, req_ids, slots, hs: HostStep, out, want_lp: bool) -> ModelRunnerOutput:
         r = len(req_ids)
