@@ -33,7 +33,8 @@ CONFIG = dict(model_type="llama", vocab_size=32000, hidden_size=1024, intermedia
 
 
 def _engine(path: str, backend: str, smoke: bool) -> LLM:
-    kw = dict(max_model_len=2048, max_num_seqs=32, max_num_batched_tokens=512)
+    # Two engines share the GPU: explicit pools (~2 GiB each) rather than memory fractions.
+    kw = dict(max_model_len=2048, max_num_seqs=32, max_num_batched_tokens=512, num_kv_blocks=4096)
     if smoke:
         kw = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=80)
     llm = LLM(path, load_format="dummy", attention_backend=backend, dtype="bfloat16",
