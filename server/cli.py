@@ -32,6 +32,9 @@ _LLM_KWARGS = (
     "enable_prefix_caching",
     "num_kv_blocks",
     "seed",
+    "distributed_coordinator",
+    "num_processes",
+    "process_id",
 )
 
 
@@ -56,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--tensor-parallel-size", type=int, default=None)
+    parser.add_argument(
+        "--distributed-coordinator",
+        default=None,
+        help="HOST:PORT of process 0; every process of a multi-host mesh gets the same one",
+    )
+    parser.add_argument("--num-processes", type=int, default=None, help="processes (hosts)")
+    parser.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1")
     parser.add_argument(
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None
     )
@@ -140,11 +150,32 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise SystemExit(f"--{key.replace('_', '-')} is not supported by this build's LLM.")
     llm = LLM(model=args.model, **kwargs)
+    if (args.num_processes or 1) > 1:
+        return _run_multiprocess(llm, args)
     server, async_engine = build_server(llm, args)
     try:
         server.run()
     finally:
         async_engine.shutdown()
+    return 0
+
+
+def _run_multiprocess(llm, args: argparse.Namespace) -> int:
+    """Process 0 serves HTTP and schedules; the others replay its steps on their devices
+    (jaxpaged/runner/multihost.py) until it shuts down."""
+    from jaxpaged.runner.multihost import MirroredRunner, follow
+
+    if args.process_id:
+        follow(llm.model_runner)
+        return 0
+    runner = MirroredRunner(llm.model_runner)
+    llm.engine.model_runner = runner
+    server, async_engine = build_server(llm, args)
+    try:
+        server.run()
+    finally:
+        async_engine.shutdown()
+        runner.stop()
     return 0
 
 

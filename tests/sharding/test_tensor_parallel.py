@@ -156,12 +156,15 @@ def _free_port() -> int:
 
 def test_two_processes_form_one_mesh(models, results, tmp_path):
     """2 CPU processes x 2 devices on loopback = one tp=4 mesh; the tokens equal those of
-    one process at tp = 1 (replicated model: kv heads are regrouped across processes)."""
+    one process at tp = 1 (replicated model: kv heads are regrouped across processes),
+    both when every process runs generate() and when process 0 alone schedules and
+    process 1 replays its steps (how `serve` runs across processes)."""
     address = f"127.0.0.1:{_free_port()}"
     procs = []
     for i in range(2):
         out = str(tmp_path / f"proc{i}.json")
         extra = ["--coordinator", address, "--num-processes", "2", "--process-id", str(i)]
+        extra.append("--mirror")
         procs.append((_worker(models["replicated"], out, [4], 2, extra), out))
     got = [_wait(*p) for p in procs]
     want = results["replicated"]["1"]["tokens"]
@@ -169,3 +172,33 @@ def test_two_processes_form_one_mesh(models, results, tmp_path):
         assert r["4"]["num_devices"] == 4
         assert len(r["4"]["qkv_shards"]) == 2  # each process addresses its own 2 devices
         assert r["4"]["tokens"] == want
+    assert got[0]["4"]["mirrored_tokens"] == want
+    assert got[1]["4"]["mirrored_tokens"] is None  # the follower only replayed steps
+
+
+def test_replicate_kv_heads_regroups_exactly():
+    """In-process (one device): K=2 -> K'=8 at tp 8. New kv head k' = k * r + j gets the
+    original group k's query heads j*G' .. (j+1)*G' - 1 and a copy of k's K and V."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxpaged.sharding import replicate_kv_heads
+
+    plan = plan_tp(_config(), 8)  # 8 heads, 2 kv heads: r = 4, G' = 1
+    rep = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("tp",)), P())
+    e, k, g, d = 64, 2, 4, 16
+    qkv = np.random.default_rng(0).standard_normal((e, k, g + 2, d)).astype(np.float32)
+    o = np.random.default_rng(1).standard_normal((k, g, d, e)).astype(np.float32)
+    params = {"layers_0": {"attn": {"qkv": {"kernel": jax.device_put(qkv)},
+                                    "o": {"kernel": jax.device_put(o)}}}}  # fmt: skip
+    shardings = jax.tree.map(lambda _: rep, params)
+    out = replicate_kv_heads(params, plan, shardings)["layers_0"]["attn"]
+    new_qkv, new_o = np.asarray(out["qkv"]["kernel"]), np.asarray(out["o"]["kernel"])
+    assert new_qkv.shape == (e, 8, 3, d) and new_o.shape == (8, 1, d, e)
+    for kk in range(k):
+        for j in range(4):
+            np.testing.assert_array_equal(new_qkv[:, kk * 4 + j, 0], qkv[:, kk, j])
+            np.testing.assert_array_equal(new_qkv[:, kk * 4 + j, 1:], qkv[:, kk, g:])
+            np.testing.assert_array_equal(new_o[kk * 4 + j, 0], o[kk, j])

@@ -1,7 +1,7 @@
 """Subprocess body for the sharding tests: greedy tokens of one model at several tp sizes.
 
     python -m tests.sharding.tp_worker MODEL_DIR OUT_JSON --tp 1 2 4 8
-        [--coordinator HOST:PORT --num-processes N --process-id I]
+        [--coordinator HOST:PORT --num-processes N --process-id I [--mirror]]
 
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=N and JAX_PLATFORMS=cpu (the
 pytest process has already initialised JAX with one device). Writes, per tp: the token ids
@@ -35,7 +35,7 @@ def _shard_facts(llm) -> dict:
     }
 
 
-def run(model: str, tp: int, dist: dict) -> dict:
+def run(model: str, tp: int, dist: dict, mirror: bool = False) -> dict:
     from jaxpaged.llm import LLM
     from jaxpaged.sampling_params import SamplingParams
 
@@ -44,7 +44,29 @@ def run(model: str, tp: int, dist: dict) -> dict:
               tensor_parallel_size=tp, **dist)  # fmt: skip
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate(PROMPTS, sp, use_tqdm=False)
-    return {"tokens": [list(o.outputs[0].token_ids) for o in outs], **_shard_facts(llm)}
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], **_shard_facts(llm)}
+    if dist and mirror:
+        result["mirrored_tokens"] = _mirrored(llm, sp)
+    return result
+
+
+def _mirrored(llm, sp) -> list[list[int]] | None:
+    """As `serve` runs across processes: process 0 alone takes requests and schedules,
+    the others replay its steps (runner/multihost.py)."""
+    import jax
+
+    from jaxpaged.runner.multihost import MirroredRunner, follow
+
+    if jax.process_index() != 0:
+        follow(llm.model_runner)
+        return None
+    runner = MirroredRunner(llm.model_runner)
+    llm.engine.model_runner = runner
+    try:
+        outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+    finally:
+        runner.stop()
+    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def main() -> None:
@@ -55,6 +77,7 @@ def main() -> None:
     p.add_argument("--coordinator", default=None)
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--mirror", action="store_true", help="also run leader/follower steps")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     dist = {}
@@ -64,7 +87,7 @@ def main() -> None:
     results = {}
     for i, tp in enumerate(args.tp):
         # jax.distributed.initialize runs once per process.
-        results[str(tp)] = run(args.model, tp, dist if i == 0 else {})
+        results[str(tp)] = run(args.model, tp, dist if i == 0 else {}, args.mirror)
     with open(args.out, "w") as f:
         json.dump(results, f)
 
