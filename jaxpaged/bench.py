@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"args": vars(args), "result": result}, f, indent=2)
+            plain = {k: v for k, v in vars(args).items() if not callable(v)}
+            json.dump({"args": plain, "result": result}, f, indent=2)
     return 0
 
 
