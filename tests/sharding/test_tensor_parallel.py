@@ -101,7 +101,8 @@ def test_tokens_are_not_degenerate(results):
 @pytest.mark.parametrize("tp", [2, 8])
 def test_params_and_kv_pool_split_over_devices(results, tp):
     """Each device holds 1/tp of the kv-head axis of qkv and of the KV pool, and 1/tp of
-    the vocab of the embedding ([E, K, G+2, D] qkv, [N, bs, K, D] cache)."""
+    the vocab of the embedding ([E, K, G+2, D] qkv, [N, bs, K, D] cache); the donated
+    pool is updated in place."""
     r = results["even"][str(tp)]
     assert r["num_devices"] == tp
     assert r["qkv_shape"] == [64, 8, 3, 16]
@@ -109,6 +110,7 @@ def test_params_and_kv_pool_split_over_devices(results, tp):
     assert r["cache_shape"][2] == 8
     assert r["cache_shards"] == [[48, 16, 8 // tp, 16]] * tp
     assert r["embed_shards"] == [[256 // tp, 64]] * tp
+    assert r["pool_in_place"]
 
 
 def test_single_device_path_has_no_mesh(results):

@@ -43,8 +43,16 @@ def run(model: str, tp: int, dist: dict, mirror: bool = False) -> dict:
               max_num_batched_tokens=32, num_kv_blocks=48, show_progress=False,
               tensor_parallel_size=tp, **dist)  # fmt: skip
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    pool = llm.model_runner.kv_caches[0][0]
+    addrs = [s.data.unsafe_buffer_pointer() for s in pool.addressable_shards]
     outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+    new_pool = llm.model_runner.kv_caches[0][0]
+    # Donation kept the pool in place: old buffers deleted, new ones at the same addresses.
+    in_place = pool.is_deleted() and addrs == [
+        s.data.unsafe_buffer_pointer() for s in new_pool.addressable_shards
+    ]
     result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], **_shard_facts(llm)}
+    result["pool_in_place"] = in_place
     if dist and mirror:
         result["mirrored_tokens"] = _mirrored(llm, sp)
     return result
