@@ -76,7 +76,7 @@ TINY_PRESET = dict(
 
 
 # ---- child: one tp size ----------------------------------------------------------------------
-def _build_llm(cfg: dict, tp: int, smoke: bool):
+def _build_llm(cfg: dict, tp: int, smoke: bool, backend: str | None):
     from jaxpaged.llm import LLM
     from jaxpaged.models import loader
 
@@ -92,6 +92,7 @@ def _build_llm(cfg: dict, tp: int, smoke: bool):
         max_model_len=cfg["max_model_len"],
         max_num_seqs=cfg["max_num_seqs"],
         max_num_batched_tokens=cfg["max_num_batched_tokens"],
+        attention_backend=backend,
         **extra,
     )
     return llm, time.perf_counter() - start
@@ -163,14 +164,15 @@ def _workload_a(llm, cfg: dict) -> dict:
     )
 
 
-def child(tp: int, smoke: bool, path: str) -> None:
+def child(tp: int, smoke: bool, path: str, backend: str | None) -> None:
     import jax
 
     cfg = SMOKE if smoke else FULL
-    llm, startup = _build_llm(cfg, tp, smoke)
+    llm, startup = _build_llm(cfg, tp, smoke, backend)
     result = dict(
         tp=tp,
         device=str(jax.devices()[0].device_kind),
+        backend=llm.backend.name,
         num_devices=tp,
         startup_s=startup,
         compile_s=llm.compile_seconds,
@@ -189,7 +191,7 @@ def _child_path(work_dir: str, tp: int, smoke: bool) -> str:
     return os.path.join(work_dir, f"{'smoke' if smoke else 'full'}-tp{tp}.json")
 
 
-def _run_child(tp: int, smoke: bool, work_dir: str) -> str:
+def _run_child(tp: int, smoke: bool, work_dir: str, backend: str | None) -> str:
     path = _child_path(work_dir, tp, smoke)
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")  # NVLink multicast stays off (KINDS.md)
     if smoke:
@@ -198,6 +200,7 @@ def _run_child(tp: int, smoke: bool, work_dir: str) -> str:
         env["CUDA_VISIBLE_DEVICES"] = "0"
     cmd = [sys.executable, __file__, "--child", str(tp), "--child-out", path]
     cmd += ["--smoke"] if smoke else []
+    cmd += ["--attention-backend", backend] if backend else []
     logger.info("running tp=%d: %s", tp, " ".join(cmd))
     subprocess.run(cmd, env=env, check=True)
     return path
@@ -271,16 +274,17 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, 2 forced devices")
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tp sizes to run now")
     ap.add_argument("--work-dir", default="/tmp/jaxpaged_tp_gpu")
+    ap.add_argument("--attention-backend", default=None, help="default: pallas on GPU")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.child is not None:
-        return child(args.child, args.smoke, args.child_out)
+        return child(args.child, args.smoke, args.child_out, args.attention_backend)
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     os.makedirs(args.work_dir, exist_ok=True)
     for tp in args.tp:
-        _run_child(tp, args.smoke, args.work_dir)
+        _run_child(tp, args.smoke, args.work_dir, args.attention_backend)
     results = {}
     for tp in (1, 2):
         path = _child_path(args.work_dir, tp, args.smoke)
