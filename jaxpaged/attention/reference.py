@@ -36,7 +36,8 @@ class ReferenceBackend:
         md: AttentionMetadata,
         scale: float,
     ) -> tuple[jax.Array, KVCache]:
-        k_cache, v_cache = (write_kv(c, x, md.slot_mapping) for c, x in zip(kv_cache, (k, v)))
+        k_cache = write_kv(kv_cache[0], k, md.slot_mapping)
+        v_cache = write_kv(kv_cache[1], v, md.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, md, scale)
         return out, (k_cache, v_cache)
 
@@ -72,7 +73,7 @@ def paged_attention(
     qg = q.reshape(t, kh, g, d).astype(jnp.float32) * scale
 
     def body(c, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         blk = jax.lax.dynamic_slice_in_dim(tables, c * blocks_per_chunk, blocks_per_chunk, 1)
         kc = k_cache[blk].reshape(t, keys_per_chunk, kh, d).astype(jnp.float32)
         vc = v_cache[blk].reshape(t, keys_per_chunk, kh, d).astype(jnp.float32)
@@ -86,13 +87,13 @@ def paged_attention(
         # Zero masked values too: unused pages may hold anything, and 0 * NaN is NaN.
         vc = jnp.where(valid[:, :, None, None], vc, 0.0)
         acc = acc * alpha[..., None] + jnp.einsum("tkgs,tskd->tkgd", p, vc)
-        return m_new, l * alpha + p.sum(-1), acc
+        return m_new, denom * alpha + p.sum(-1), acc
 
     init = (
         jnp.full((t, kh, g), _NEG_INF, jnp.float32),
         jnp.zeros((t, kh, g), jnp.float32),
         jnp.zeros((t, kh, g, d), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
-    out = acc / jnp.where(l == 0, 1.0, l)[..., None]
+    _, denom, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]
     return out.reshape(t, h, d).astype(q.dtype)

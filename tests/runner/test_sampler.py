@@ -121,8 +121,8 @@ def test_same_seed_and_position_same_sample_anywhere_in_batch():
         _state(), False,
     )  # fmt: skip
     np.testing.assert_array_equal(np.asarray(out.sampled)[perm], np.asarray(out_p.sampled))
-    alone, _ = _sample(jnp.asarray(logits[3:4]),
-                       _tensors(1, seeds=seeds[3:4], positions=positions[3:4]), _state(), False)  # fmt: skip
+    one = _tensors(1, seeds=seeds[3:4], positions=positions[3:4])
+    alone, _ = _sample(jnp.asarray(logits[3:4]), one, _state(), False)
     assert int(alone.sampled[0]) == int(out.sampled[3])
 
 
