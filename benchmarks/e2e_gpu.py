@@ -16,6 +16,7 @@ Results: $OUT/e2e.json and a markdown table printed last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -57,11 +58,14 @@ def _time(fn, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
+@contextlib.contextmanager
 def _idle_probe(llm):
-    """Record per-step dispatch and ready times around the compiled step calls."""
+    """Record per-step dispatch and ready times around the compiled step calls; the
+    original executables are put back on exit."""
     import jax
 
     runner = llm.model_runner
+    original = runner._compiled
     marks = []
 
     def wrap(exe):
@@ -74,8 +78,11 @@ def _idle_probe(llm):
 
         return call
 
-    runner._compiled = {k: wrap(v) for k, v in runner._compiled.items()}
-    return marks
+    runner._compiled = {k: wrap(v) for k, v in original.items()}
+    try:
+        yield marks
+    finally:
+        runner._compiled = original
 
 
 def _idle_fraction(marks) -> float:
@@ -113,12 +120,10 @@ def part_jaxpaged(model: str, smoke: bool, cache_dir: str, workloads: list[str])
         if name not in specs:
             continue
         args = argparse.Namespace(seed=0, **specs[name])
-        marks = _idle_probe(llm)
-        out = bench.run_throughput(llm, args)
+        with _idle_probe(llm) as marks:
+            out = bench.run_throughput(llm, args)
         out["device_idle_fraction"] = _idle_fraction(marks)
         res[name] = out
-        llm.model_runner._compiled = {k: v.__closure__[0].cell_contents
-                                      for k, v in llm.model_runner._compiled.items()}  # fmt: skip
     if "d" in workloads:
         for ctx in (512, 4096) if not smoke else (64,):
             args = argparse.Namespace(batch_size=1, input_len=ctx, output_len=64 if smoke else 256,

@@ -136,7 +136,8 @@ class LLM:
             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
         )  # fmt: skip
-        if num_kv_blocks is None:
+        num_blocks = num_kv_blocks
+        if num_blocks is None:
             if on_cpu:
                 budget = kv_cache_memory_bytes or kv_sizing.DEFAULT_CPU_KV_BYTES
             else:
@@ -144,9 +145,9 @@ class LLM:
                     runner.profile_peak_bytes(), gpu_memory_utilization
                 )
             num_blocks = kv_sizing.num_blocks_from_bytes(budget, bytes_per_block)
-            kv_sizing.check_fits(num_blocks, max_model_len, block_size, bytes_per_block)
+        kv_sizing.check_fits(num_blocks, max_model_len, block_size, bytes_per_block)
+        if num_blocks != runner.num_blocks:
             runner.reallocate_kv(num_blocks)
-        kv_sizing.check_fits(runner.num_blocks, max_model_len, block_size, bytes_per_block)
         logger.info("KV pool: %d blocks of %d tokens", runner.num_blocks, block_size)
         self.compile_seconds = runner.compile_all(show_progress)
         cache_config = CacheConfig(block_size, runner.num_blocks, enable_prefix_caching)
