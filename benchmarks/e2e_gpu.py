@@ -6,7 +6,9 @@ Every part runs in its own subprocess (JAX and torch each preallocate GPU memory
   ceilings   device copy bandwidth (bytes read + written) and bf16 matmul rate, via JAX
   jaxpaged   per model: cold start (fresh compilation cache), warm start (same cache),
              workloads (a) 256 x U[100,1024] in/out, (b) N x 128/128, (c) N x 1024/512,
-             (d) single-stream decode at context 512 and 4096; per-step device-idle fraction
+             (d) single-stream decode at context 512 and 4096, (e) steady decode-step period at
+             the plain-XLA baseline's (batch, context) points; per-step device-idle
+             fraction; --sync-compare repeats (b) and (e) with synchronous scheduling
   xla        a plain unrolled-XLA decode step with a contiguous donated cache (baseline)
   hf         transformers generate, static batching, bf16, its own random weights
 Roofline: floor per decode step = (weight bytes + KV bytes read) / measured copy bandwidth.
@@ -60,40 +62,92 @@ def _time(fn, iters: int) -> float:
 
 @contextlib.contextmanager
 def _idle_probe(llm):
-    """Record per-step dispatch and ready times around the compiled step calls; the
-    original executables are put back on exit."""
+    """Record, per compiled step call, when the host dispatched it and when the device
+    finished it (a waiter thread blocks on each step's output in order, so the probe does not
+    serialise async scheduling). The original executables are put back on exit."""
+    import queue
+    import threading
+
     import jax
 
     runner = llm.model_runner
     original = runner._compiled
-    marks = []
+    marks = []  # (dispatched, finished, bucket key)
+    pending: queue.Queue = queue.Queue()
 
-    def wrap(exe):
+    def wait():
+        while (item := pending.get()) is not None:
+            t0, sampled, key = item
+            jax.block_until_ready(sampled)
+            marks.append((t0, time.perf_counter(), key))
+
+    def wrap(exe, key):
         def call(*args):
             t0 = time.perf_counter()
             out = exe(*args)
-            jax.block_until_ready(out[2].sampled)
-            marks.append((t0, time.perf_counter()))
+            pending.put((t0, out[-1].sampled, key))
             return out
 
         return call
 
-    runner._compiled = {k: wrap(v) for k, v in original.items()}
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    runner._compiled = {k: wrap(v, k) for k, v in original.items()}
     try:
         yield marks
     finally:
         runner._compiled = original
+        pending.put(None)
+        waiter.join()
 
 
 def _idle_fraction(marks) -> float:
+    """Share of the wall time between the first and last step's end in which the device had
+    finished a step and the next was not dispatched yet (a host gap)."""
     if len(marks) < 3:
         return float("nan")
-    busy = sum(b - a for a, b in marks[1:])
-    wall = marks[-1][1] - marks[0][1]
-    return 1.0 - busy / wall
+    gaps = sum(max(0.0, b[0] - a[1]) for a, b in zip(marks[:-1], marks[1:], strict=True))
+    return gaps / (marks[-1][1] - marks[0][1])
 
 
-def part_jaxpaged(model: str, smoke: bool, cache_dir: str, workloads: list[str]) -> dict:
+DECODE_POINTS = {"B1_ctx512": (1, 512), "B1_ctx4096": (1, 4096), "B32_ctx1024": (32, 1024),
+                 "B128_ctx512": (128, 512)}  # the plain-XLA baseline's points  # fmt: skip
+
+
+def _decode_steps(llm, points: dict, num_out: int) -> dict:
+    """Median period of steady decode-only steps (end to end, host gaps included) for B
+    sequences of context ~ctx, plus the device-idle share over those steps."""
+    import numpy as np
+
+    from jaxpaged.sampling_params import SamplingParams
+
+    vocab, res = llm.config.model.vocab_size, {}
+    rng = np.random.default_rng(0)
+    for name, (b, ctx) in points.items():
+        prompts = [rng.integers(0, vocab, ctx - num_out // 2).tolist() for _ in range(b)]
+        params = SamplingParams(temperature=0.0, max_tokens=num_out, ignore_eos=True)
+        with _idle_probe(llm) as marks:
+            llm.generate(prompts, params, use_tqdm=False)
+        dec = [m for m in marks if m[2][2] and m[2][1] >= b]  # decode-only, whole batch
+        ends = np.array([m[1] for m in dec[4:]])
+        period = float(np.median(np.diff(ends))) if len(ends) > 2 else float("nan")
+        res[name] = {
+            "ms_per_step": period * 1e3,
+            "tokens_per_s": b / period,
+            "num_steps": len(dec),
+            "device_idle_fraction": _idle_fraction(dec[4:]),
+        }
+    return res
+
+
+def _set_async(llm, on: bool) -> None:
+    assert llm.engine._in_flight is None
+    llm.engine.async_scheduling = llm.engine.scheduler.async_scheduling = on
+
+
+def part_jaxpaged(
+    model: str, smoke: bool, cache_dir: str, workloads: list[str], sync_compare: bool = False
+) -> dict:
     os.environ["JAXPAGED_COMPILATION_CACHE"] = cache_dir
     from jaxpaged import bench
     from jaxpaged.llm import LLM
@@ -129,6 +183,17 @@ def part_jaxpaged(model: str, smoke: bool, cache_dir: str, workloads: list[str])
             args = argparse.Namespace(batch_size=1, input_len=ctx, output_len=64 if smoke else 256,
                                       num_iters=2, seed=0)  # fmt: skip
             res[f"d_ctx{ctx}"] = bench.run_latency(llm, args)
+    points = {"B1_ctx64": (1, 64), "B4_ctx64": (4, 64)} if smoke else DECODE_POINTS
+    if "e" in workloads:
+        res["decode_steps"] = _decode_steps(llm, points, 16 if smoke else 64)
+    if sync_compare:  # the same engine with synchronous scheduling, for the async gain
+        _set_async(llm, False)
+        sync = res["sync"] = {"decode_steps": _decode_steps(llm, points, 16 if smoke else 64)}
+        if "b" in workloads:
+            with _idle_probe(llm) as marks:
+                sync["b"] = bench.run_throughput(llm, argparse.Namespace(seed=0, **specs["b"]))
+            sync["b"]["device_idle_fraction"] = _idle_fraction(marks)
+        _set_async(llm, True)
     res["weight_bytes"] = sum(
         x.nbytes for x in __import__("jax").tree.leaves(llm.model_runner.params)
     )
@@ -242,12 +307,25 @@ def _table(results: dict) -> str:
                 f"| {model} | start-up s, cold / warm cache | {jp['startup_s']:.1f} / "
                 f"{_num(warm, '.1f')} | | {jp['num_buckets']} buckets |"
             )
-        for key, val in r.get("xla", {}).items():
-            if isinstance(val, dict):
-                rows.append(
-                    f"| {model} | plain XLA decode {key} | | | "
-                    f"{val['tokens_per_s']:,.0f} tok/s ({val['ms_per_step']:.2f} ms) |"
-                )
+        xla = r.get("xla", {})
+        sync = jp.get("sync", {})
+        for key, val in jp.get("decode_steps", {}).items():
+            b, ctx = (int(x) for x in key[1:].split("_ctx"))
+            floor = (jp["weight_bytes"] + jp["kv_bytes_per_token"] * b * ctx) / bw * 1e3
+            base = xla.get(key, {})
+            sy = sync.get("decode_steps", {}).get(key, {})
+            rows.append(
+                f"| {model} | decode step {key}: ms (idle {val['device_idle_fraction']:.0%}) "
+                f"| {val['ms_per_step']:.2f} | | {val['ms_per_step'] / floor:.2f}x floor "
+                f"({floor:.2f} ms); plain XLA {_num(base.get('ms_per_step'), '.2f')} ms; "
+                f"sync scheduling {_num(sy.get('ms_per_step'), '.2f')} ms |"
+            )
+        if "b" in sync:
+            rows.append(
+                f"| {model} | (b) sync scheduling: output tok/s (device idle "
+                f"{sync['b']['device_idle_fraction']:.0%}) | "
+                f"{_num(sync['b']['output_tokens_per_s'])} | | |"
+            )
     return "\n".join(rows)
 
 
@@ -257,7 +335,12 @@ def main() -> None:
     ap.add_argument("--payload", default="{}")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--models", default="qwen3-0.6b,llama3-8b")
-    ap.add_argument("--workloads", default="a,b,c,d")
+    ap.add_argument("--workloads", default="a,b,c,d,e")
+    ap.add_argument(
+        "--sync-compare",
+        action="store_true",
+        help="also time decode steps and (b) with synchronous scheduling",
+    )
     ap.add_argument("--skip", default="", help="comma list of parts to skip (hf, xla, warm)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, runs on CPU")
     args = ap.parse_args()
@@ -273,7 +356,7 @@ def main() -> None:
         r = results["models"][model] = {}
         payload = {"model": model, "smoke": args.smoke, "cache_dir": cache,
                    "workloads": args.workloads.split(",")}  # fmt: skip
-        r["jaxpaged"] = _spawn("jaxpaged", payload)
+        r["jaxpaged"] = _spawn("jaxpaged", dict(payload, sync_compare=args.sync_compare))
         print(model, "jaxpaged", r["jaxpaged"], flush=True)
         if "warm" not in skip:
             r["jaxpaged_warm"] = _spawn("jaxpaged", dict(payload, workloads=[]))

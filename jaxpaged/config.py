@@ -143,6 +143,11 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
     """If > 0, a single prefill chunk is capped at this many tokens."""
+    async_scheduling: bool = False
+    """Schedule step k+1 while step k runs on the device: each request that samples in step
+    k holds one output placeholder, whose token the runner feeds on device (vLLM's
+    async scheduling). Same tokens as synchronous scheduling; the device does not wait for
+    the host between steps."""
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):

@@ -90,6 +90,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         attention_backend: str | None = None,
         enable_chunked_prefill: bool = True,
+        async_scheduling: bool = True,
         show_progress: bool = True,
         tensor_parallel_size: int = 1,
         distributed_coordinator: str | None = None,
@@ -122,6 +123,7 @@ class LLM:
             max_model_len=max_model_len,
             policy=scheduling_policy,
             enable_chunked_prefill=enable_chunked_prefill,
+            async_scheduling=async_scheduling,
         )
         self.backend = get_backend(attention_backend or default_backend_name())
         run_config, shardings, plan = self._setup_tp(model_config, tensor_parallel_size)

@@ -30,6 +30,7 @@ _LLM_KWARGS = (
     "gpu_memory_utilization",
     "tensor_parallel_size",
     "enable_prefix_caching",
+    "async_scheduling",
     "num_kv_blocks",
     "seed",
     "distributed_coordinator",
@@ -68,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1")
     parser.add_argument(
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None
+    )
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="overlap scheduling of step k+1 with step k on the device (default on)",
     )
     parser.add_argument(
         "--num-kv-blocks",

@@ -173,3 +173,43 @@ def test_kv_pool_is_updated_in_place(tight_llm):
     k1, v1 = runner.kv_caches[0]
     assert k0.is_deleted() and v0.is_deleted(), "the old pool arrays were not donated"
     assert (k1.unsafe_buffer_pointer(), v1.unsafe_buffer_pointer()) == pointers
+
+
+def test_async_scheduling_gives_the_synchronous_tokens(tight_llm, hf_model_dir):
+    """Async scheduling (the default) feeds each sampled token to the next step on device;
+    it must not change a single token or logprob, including requests that stop on a token
+    while their next step is already dispatched, preemption and chunked prefill."""
+    sync_llm = _llm(hf_model_dir[0], num_kv_blocks=18, async_scheduling=False)
+    assert tight_llm.engine.async_scheduling and not sync_llm.engine.async_scheduling
+    rng = np.random.default_rng(6)
+    prompts = _prompts(6, [int(n) for n in rng.integers(1, 90, 24)])
+    stop_ids = [int(t) for t in rng.integers(0, VOCAB, 40)]
+    params = [
+        SamplingParams(
+            temperature=[0.0, 0.8, 1.2][i % 3], top_p=0.9 if i % 4 == 0 else 1.0, seed=100 + i,
+            max_tokens=int(rng.integers(1, 30)), min_tokens=2 if i % 5 == 0 else 0,
+            stop_token_ids=stop_ids if i % 2 else [],
+            repetition_penalty=1.3 if i % 6 == 0 else 1.0,
+            frequency_penalty=0.5 if i % 7 == 0 else 0.0,
+            logprobs=2 if i % 3 == 0 else None,
+        )
+        for i in range(len(prompts))
+    ]  # fmt: skip
+    got = tight_llm.generate(prompts, params, use_tqdm=False)
+    want = sync_llm.generate(prompts, params, use_tqdm=False)
+    reasons = set()
+    for a, b in zip(got, want, strict=True):
+        ca, cb = a.outputs[0], b.outputs[0]
+        assert ca.token_ids == cb.token_ids, a.request_id
+        assert (ca.finish_reason, ca.stop_reason) == (cb.finish_reason, cb.stop_reason)
+        reasons.add(ca.finish_reason)
+        if cb.logprobs is not None:
+            for la, lb in zip(ca.logprobs, cb.logprobs, strict=True):
+                assert la.keys() == lb.keys()
+                for tok in la:
+                    assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=1e-5)
+    assert reasons == {"stop", "length"}, "both ways of finishing must be exercised"
+    stats = tight_llm.engine.get_stats().scheduler
+    assert stats.num_free_blocks == tight_llm.config.cache.num_blocks - 1
+    assert not tight_llm.engine.has_unfinished_requests()
+    assert tight_llm.engine._in_flight is None

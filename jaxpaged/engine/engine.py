@@ -6,6 +6,10 @@
              OutputProcessor ──RequestOutputs──> caller
              (requests that hit a stop string are then finished in the scheduler)
 
+    async scheduling: step() dispatches step k+1 (model_runner.dispatch) before it reads
+    step k's tokens (model_runner.collect), so the device runs k+1 while the host updates
+    requests and detokenizes k, and schedules k+2.
+
 Pure Python: this module never imports jax (the runner is handed in). It is not thread-safe;
 the server's AsyncEngine calls it from a single thread.
 """
@@ -55,6 +59,9 @@ class Engine:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight = None
+        """(SchedulerOutput, runner handle) of the dispatched step not read yet (async)."""
 
     @property
     def max_model_len(self) -> int:
@@ -167,13 +174,47 @@ class Engine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.async_scheduling:
+            return self._step_async()
+        scheduler_output = self._schedule()
+        if scheduler_output is None:
+            return []
+        runner_output = self.model_runner.execute_model(scheduler_output)
+        return self._update(scheduler_output, runner_output)
+
+    def _schedule(self):
+        """The next SchedulerOutput, or None if it has nothing for the runner to do."""
         scheduler_output = self.scheduler.schedule()
         now = time.monotonic()
         for new_req in scheduler_output.scheduled_new_reqs:
             self.output_processor.mark_scheduled(new_req.req_id, now)
         if scheduler_output.is_empty() and not scheduler_output.finished_req_ids:
-            return []
-        runner_output = self.model_runner.execute_model(scheduler_output)
+            return None
+        return scheduler_output
+
+    def _step_async(self) -> list[RequestOutput]:
+        if self._in_flight is None:
+            first = self._schedule()
+            if first is None:
+                return []
+            self._in_flight = (first, self.model_runner.dispatch(first))
+        scheduler_output, handle = self._in_flight
+        # Schedule and dispatch the next step while this one runs on the device.
+        nxt = self._schedule()
+        self._in_flight = None if nxt is None else (nxt, self.model_runner.dispatch(nxt))
+        outputs = self._update(scheduler_output, self.model_runner.collect(handle))
+        if self._in_flight is not None and not self.has_unfinished_requests():
+            # Nothing is waiting for the step in flight: settle it now, so an idle engine
+            # holds no pending device work (its results are dropped: all finished).
+            self._update(*self._collect_in_flight())
+        return outputs
+
+    def _collect_in_flight(self):
+        scheduler_output, handle = self._in_flight
+        self._in_flight = None
+        return scheduler_output, self.model_runner.collect(handle)
+
+    def _update(self, scheduler_output, runner_output) -> list[RequestOutput]:
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         self._count_tokens(updates)
         processed = self.output_processor.process_outputs(updates)

@@ -69,6 +69,8 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_output_placeholders = 0
+        """Tokens sampled by a step still on the device (async scheduling; 0 or 1)."""
         self.num_cached_tokens = -1
         """Prompt tokens found in the prefix cache at first admission (-1: not admitted yet)."""
         self.num_preemptions = 0
@@ -78,6 +80,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.all_token_ids) + self.num_output_placeholders
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -11,6 +11,17 @@ num_computed_tokens advances at schedule time; update_from_output() appends the 
 token of every request whose scheduled tokens reached the end of its tokens, checks stop
 conditions, and caches the blocks the step filled.
 
+Async scheduling (SchedulerConfig.async_scheduling): schedule() for step k+1 runs while
+step k is still on the device, so update_from_output(k) comes after schedule(k+1). A request
+that samples in a step gets an output placeholder at schedule time; the next schedule()
+counts it as a token (the runner feeds it on device) and update_from_output() replaces it
+with the real token. Steps are updated in the order they were scheduled, against the
+Request objects they were scheduled with (a finished request's id may be reused at once).
+A request whose placeholder already reaches its length limit is not scheduled again; one
+that stops on a token while its next step is in flight has that step's output dropped.
+Device steps run in order, so KV that an in-flight step writes is there for any later step
+that reads it (prefix hits on just-filled blocks included).
+
 No deadlock when blocks are tight: the oldest (fcfs) or most important (priority) running
 request is never the victim while another is running, and a lone request fits the pool
 (the engine rejects requests that cannot), so some request always progresses.
@@ -21,6 +32,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+from collections import deque
 from collections.abc import Iterable, Iterator
 
 from jaxpaged.config import CacheConfig, SchedulerConfig
@@ -111,6 +123,9 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()
         """Finished or aborted since the last schedule(); sent so the runner drops them."""
         self.num_preemptions_total = 0
+        self.async_scheduling = scheduler_config.async_scheduling
+        self._scheduled: deque[dict[str, tuple[Request, bool]]] = deque()
+        """Per scheduled step not yet updated: req_id -> (request, whether it samples)."""
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -188,8 +203,16 @@ class Scheduler:
             cached.new_block_ids.append(step.new_block_ids[request.request_id])
             cached.num_computed_tokens.append(request.num_computed_tokens)
         # vLLM V1 advances progress at schedule time; the runner gets where each chunk starts.
+        scheduled = {}
         for request_id, num_tokens in step.num_scheduled_tokens.items():
-            self.requests[request_id].num_computed_tokens += num_tokens
+            request = self.requests[request_id]
+            request.num_computed_tokens += num_tokens
+            samples = request.num_computed_tokens == request.num_tokens_with_placeholders
+            if samples and self.async_scheduling:
+                request.num_output_placeholders += 1
+            scheduled[request_id] = (request, samples)
+        if scheduled:
+            self._scheduled.append(scheduled)
 
         preempted_ids = {request.request_id for request in step.preempted}
         output = SchedulerOutput(
@@ -204,7 +227,12 @@ class Scheduler:
         return output
 
     def _num_new_tokens(self, request: Request, num_computed_tokens: int, budget: int) -> int:
-        num_new_tokens = request.num_tokens - num_computed_tokens
+        if request.num_output_placeholders and (
+            request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
+            or request.num_tokens_with_placeholders >= self.max_model_len
+        ):
+            return 0  # the token in flight ends it (length): nothing more to compute
+        num_new_tokens = request.num_tokens_with_placeholders - num_computed_tokens
         threshold = self.scheduler_config.long_prefill_token_threshold
         if threshold > 0 and self.scheduler_config.enable_chunked_prefill:
             num_new_tokens = min(num_new_tokens, threshold)
@@ -221,7 +249,7 @@ class Scheduler:
                 request, request.num_computed_tokens, step.token_budget
             )
             if num_new_tokens <= 0:
-                continue  # its last sampled token has not come back yet (no update_from_output)
+                continue  # its sampled token is not back yet, or that token is its last
             new_blocks = self._allocate_or_preempt(request, num_new_tokens, step)
             if new_blocks is None:
                 # It was the victim itself. Under fcfs it was the last running request; under
@@ -272,6 +300,8 @@ class Scheduler:
         max_num_seqs = self.scheduler_config.max_num_seqs
         while len(self.waiting) and step.token_budget > 0 and len(self.running) < max_num_seqs:
             request = self.waiting.peek()
+            if request.num_output_placeholders:
+                break  # preempted with a token in flight: resume once it is known
             computed_blocks, num_hit_tokens = manager.get_computed_blocks(request)
             num_new_tokens = self._num_new_tokens(request, num_hit_tokens, step.token_budget)
             if (
@@ -311,25 +341,36 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> list[RequestUpdate]:
+        """Apply the oldest scheduled step's sampled tokens (steps update in schedule order)."""
         sampled = dict(
             zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids, strict=True)
         )
+        scheduled = self._scheduled.popleft() if scheduler_output.num_scheduled_tokens else {}
+        assert scheduled.keys() == scheduler_output.num_scheduled_tokens.keys(), (
+            "update_from_output() must follow schedule() order"
+        )
         updates = []
-        for request_id in scheduler_output.num_scheduled_tokens:
-            request = self.requests.get(request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran: its blocks are already free
-            # The step has written this request's KV, so its full blocks can be shared now.
-            self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
+        for request_id, (request, samples) in scheduled.items():
+            if request.is_finished():
+                continue  # aborted or stopped while the step ran: its blocks are already free
             new_token_ids = sampled.get(request_id) or []
-            reached_end = request.num_computed_tokens == request.num_tokens
-            assert bool(new_token_ids) == reached_end, (request, new_token_ids)
+            assert bool(new_token_ids) == samples, (request, new_token_ids)
+            running = request.status == RequestStatus.RUNNING
+            if running:
+                # The step has written this request's KV, so its full blocks can be shared.
+                self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
             if not new_token_ids:
                 continue
+            if self.async_scheduling:
+                request.num_output_placeholders -= len(new_token_ids)
+            # A request preempted while this step ran keeps the token: it resumes after it.
             request.append_output_token_ids(new_token_ids)
             finished = self._check_stop(request)
             if finished:
-                self.running.remove(request)
+                if running:
+                    self.running.remove(request)
+                else:
+                    self.waiting.remove(request)
                 self._free_request(request)
             updates.append(
                 RequestUpdate(

@@ -2,7 +2,10 @@
 
 A request keeps its slot from admission until it finishes or is preempted; the scheduler's
 diffs (new requests, appended blocks, finished ids) update the slot arrays in place, and
-`prepare` builds a step's padded inputs from them in one vectorized pass:
+`prepare` builds a step's padded inputs from them in one vectorized pass.
+Under async scheduling a slot may have one token still on the device (`num_pending`):
+`prepare` gives its position the token id -1, which the step replaces with the slot's last
+sampled token on device.
 
     slots of the scheduled requests ──► token ids, positions, slot_mapping, block tables,
                                         query_start_loc, seq_lens, sampling rows
@@ -65,6 +68,10 @@ class InputBatch:
         self.bias_vals = np.zeros((n, BIAS_WIDTH), np.float32)
         self.min_tokens = np.zeros(n, np.int32)
         self.logprobs = np.full(n, -1, np.int32)
+        self.num_pending = np.zeros(n, np.int32)
+        """Tokens sampled for the slot by a step whose result the host has not read yet."""
+        self.slot_gen = np.zeros(n, np.int64)
+        """Bumped when a slot is (re)assigned: a late result for its previous owner is dropped."""
         self.slot_of: dict[str, int] = {}
         self._free_slots = list(range(n - 1, -1, -1))
 
@@ -76,6 +83,8 @@ class InputBatch:
         self.num_tokens[slot] = n
         self.num_prompt_tokens[slot] = req.num_prompt_tokens
         self.num_blocks[slot] = 0
+        self.num_pending[slot] = 0
+        self.slot_gen[slot] += 1
         self.append_blocks(slot, req.block_ids)
         sp = req.sampling_params
         self.temperature[slot] = sp.temperature
@@ -100,6 +109,7 @@ class InputBatch:
     def remove(self, req_id: str) -> None:
         slot = self.slot_of.pop(req_id, None)
         if slot is not None:
+            self.slot_gen[slot] += 1
             self._free_slots.append(slot)
 
     def append_blocks(self, slot: int, block_ids: list[int]) -> None:
@@ -135,8 +145,10 @@ class InputBatch:
         block_tables[:r] = self.block_table[slots]
         logits_indices = np.zeros(num_reqs_padded, np.int32)
         logits_indices[:r] = qsl[1 : r + 1] - 1
+        # A position past the host's tokens holds the slot's token still on the device.
+        token_ids = np.where(pos < self.num_tokens[tok_slot], self.token_ids[tok_slot, pos], -1)
         return HostStep(
-            token_ids=_pad(self.token_ids[tok_slot, pos], pad_t),
+            token_ids=_pad(token_ids.astype(np.int32), pad_t),
             positions=_pad(pos, pad_t),
             slot_mapping=_pad(slot_mapping, pad_t),
             # Padding tokens belong to the last (padding or real) row; their output is unused.
@@ -152,9 +164,10 @@ class InputBatch:
 
     def _sampling_rows(self, slots, seq_lens, num_reqs_padded) -> dict[str, np.ndarray]:
         r = len(slots)
-        sample_mask = seq_lens == self.num_tokens[slots]
+        num_known = self.num_tokens[slots] + self.num_pending[slots]
+        sample_mask = seq_lens == num_known
         # min_tokens: the stop ids' bias is -inf until enough tokens were generated.
-        num_out = self.num_tokens[slots] - self.num_prompt_tokens[slots]
+        num_out = num_known - self.num_prompt_tokens[slots]
         under = num_out < self.min_tokens[slots]
         bias_vals = self.bias_vals[slots].copy()
         bias_vals[under, MAX_LOGIT_BIAS:] = -np.inf

@@ -4,10 +4,16 @@
                     ─► device_put (one transfer) ─► compiled step for the bucket
                     ─► sampled ids (+ logprobs if asked) back to host ─► ModelRunnerOutput
 
-The step is ONE jitted function, `step(params, kv_caches, penalty_state, inputs)`, compiled
-ahead of time for every (tokens, requests) bucket at start-up; the KV pool and the penalty
-state are donated, so they are updated in place. A step whose shape has no bucket is a bug,
-not a reason to compile in the serving loop.
+The step is ONE jitted function, `step(params, kv_caches, penalty_state, last_tokens,
+inputs)`, compiled ahead of time for every (tokens, requests) bucket at start-up; the KV pool,
+the penalty state and `last_tokens` (each slot's last sampled id) are donated, so they are
+updated in place. A step whose shape has no bucket is a bug, not a reason to compile in the
+serving loop.
+
+`execute_model(so)` is `collect(dispatch(so))`. Under async scheduling the engine calls
+`dispatch(so_k+1)` before `collect(step k)`: dispatch only enqueues device work, and a token
+that step k samples reaches step k+1 through `last_tokens` on the device (input id -1), so
+the host never stands between two steps.
 """
 
 from __future__ import annotations
@@ -65,6 +71,18 @@ def _to_inputs(hs: HostStep, decode_only: bool, want_logprobs: bool) -> StepInpu
     )
 
 
+@dataclass
+class StepHandle:
+    """A dispatched step whose results the host has not read yet."""
+
+    req_ids: list[str]
+    slots: np.ndarray | None = None
+    gens: np.ndarray | None = None  # slot generations at dispatch
+    sample_mask: np.ndarray | None = None
+    out: object = None  # SamplerOutput on device
+    want_logprobs: bool = False
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -98,9 +116,14 @@ class ModelRunner:
         self.penalty_state = PenaltyState(
             jnp.zeros((max_num_seqs + 1, v), jnp.int32), jnp.zeros((max_num_seqs + 1, v), bool)
         )
+        self.last_tokens = jnp.zeros(max_num_seqs + 1, jnp.int32)
         if mesh_shardings is not None:
-            self.penalty_state = jax.device_put(self.penalty_state, mesh_shardings.replicated)
-        self._step = jax.jit(self._step_fn, donate_argnames=("kv_caches", "penalty_state"))
+            self.penalty_state, self.last_tokens = jax.device_put(
+                (self.penalty_state, self.last_tokens), mesh_shardings.replicated
+            )
+        self._step = jax.jit(
+            self._step_fn, donate_argnames=("kv_caches", "penalty_state", "last_tokens")
+        )
         self._init_row = jax.jit(init_penalty_row, donate_argnames=("state",))
         self._compiled: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
 
@@ -125,29 +148,38 @@ class ModelRunner:
         key = max(self.buckets.all_keys())
         hs = self.input_batch.prepare(*(np.zeros(0, np.int32),) * 3, key[0], key[1])
         inputs = self._put_inputs(_to_inputs(hs, key[2], True))
-        step = self._step.lower(self.params, self.kv_caches, self.penalty_state, inputs).compile()
-        self.kv_caches, self.penalty_state, out = step(
-            self.params, self.kv_caches, self.penalty_state, inputs
-        )
+        step = self._step.lower(*self._state(), inputs).compile()
+        self.kv_caches, self.penalty_state, self.last_tokens, out = step(*self._state(), inputs)
         jax.block_until_ready(out)
         stats = jax.devices()[0].memory_stats() or {}
         return int(stats.get("peak_bytes_in_use", 0))
 
     # ---- the step ---------------------------------------------------------------------
-    def _step_fn(self, params, kv_caches, penalty_state, inputs: StepInputs):
+    def _state(self):
+        return self.params, self.kv_caches, self.penalty_state, self.last_tokens
+
+    def _step_fn(self, params, kv_caches, penalty_state, last_tokens, inputs: StepInputs):
+        st = inputs.sampling
+        # Id -1: the token its slot sampled in the previous step, not yet seen by the host.
+        token_slots = st.slots[inputs.md.token_req_idx]
+        token_ids = jnp.where(inputs.token_ids < 0, last_tokens[token_slots], inputs.token_ids)
         logits, kv_caches = self.model.apply(
-            {"params": params}, inputs.token_ids, inputs.positions, kv_caches, inputs.md,
+            {"params": params}, token_ids, inputs.positions, kv_caches, inputs.md,
             inputs.logits_indices,
         )  # fmt: skip
-        out, penalty_state = sample(logits, inputs.sampling, penalty_state, inputs.want_logprobs)
+        out, penalty_state = sample(logits, st, penalty_state, inputs.want_logprobs)
+        # Real rows have distinct slots; padding rows all write the spare slot.
+        last_tokens = last_tokens.at[st.slots].set(
+            jnp.where(st.sample_mask, out.sampled, last_tokens[st.slots])
+        )
         if self.shardings is not None:
             # Pin the layouts: the pool stays split (so donation is in place) and what the
             # host fetches is replicated (every process can read it).
             kv_caches = jax.lax.with_sharding_constraint(kv_caches, self.shardings.kv_cache)
-            penalty_state, out = jax.lax.with_sharding_constraint(
-                (penalty_state, out), self.shardings.replicated
+            penalty_state, last_tokens, out = jax.lax.with_sharding_constraint(
+                (penalty_state, last_tokens, out), self.shardings.replicated
             )
-        return kv_caches, penalty_state, out
+        return kv_caches, penalty_state, last_tokens, out
 
     def _abstract_inputs(self, num_tokens: int, num_reqs: int, decode_only: bool) -> StepInputs:
         slots = np.zeros(num_reqs, np.int32)
@@ -166,10 +198,7 @@ class ModelRunner:
         start = time.perf_counter()
         keys = self.buckets.all_keys()
         lowered = {
-            key: self._step.lower(
-                self.params, self.kv_caches, self.penalty_state, self._abstract_inputs(*key)
-            )
-            for key in keys
+            key: self._step.lower(*self._state(), self._abstract_inputs(*key)) for key in keys
         }
         bar = tqdm(total=len(keys), desc="Compiling step buckets", disable=not show_progress)
         with ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 4) // 2)) as pool:
@@ -217,10 +246,14 @@ class ModelRunner:
 
     # ---- execute ----------------------------------------------------------------------
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.dispatch(so))
+
+    def dispatch(self, so: SchedulerOutput) -> StepHandle:
+        """Apply the step's diffs and enqueue its device work; returns without waiting."""
         starts = self._apply_diffs(so)
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            return StepHandle(req_ids=[])
         batch = self.input_batch
         slots = np.fromiter((batch.slot_of[r] for r in req_ids), np.int32, len(req_ids))
         counts = np.fromiter(so.num_scheduled_tokens.values(), np.int32, len(req_ids))
@@ -229,10 +262,53 @@ class ModelRunner:
         hs = batch.prepare(slots, start_arr, counts, key[0], key[1])
         want_lp = bool((batch.logprobs[slots] >= 0).any())
         inputs = self._put_inputs(_to_inputs(hs, key[2], want_lp))
-        self.kv_caches, self.penalty_state, out = self._compiled[key](
-            self.params, self.kv_caches, self.penalty_state, inputs
+        self.kv_caches, self.penalty_state, self.last_tokens, out = self._compiled[key](
+            *self._state(), inputs
         )
-        return self._collect(req_ids, slots, hs, out, want_lp)
+        sample_mask = hs.sampling["sample_mask"][: len(req_ids)]
+        batch.num_pending[slots[sample_mask]] += 1
+        fetch = [out.sampled]
+        if want_lp:
+            fetch += [out.top_ids, out.top_logprobs, out.sampled_logprob, out.sampled_rank]
+        for a in fetch:
+            a.copy_to_host_async()  # lands as soon as the step ends
+        return StepHandle(
+            req_ids=req_ids, slots=slots, gens=batch.slot_gen[slots].copy(),
+            sample_mask=sample_mask, out=out, want_logprobs=want_lp,
+        )  # fmt: skip
+
+    def collect(self, h: StepHandle) -> ModelRunnerOutput:
+        """Wait for a dispatched step and read its sampled tokens (and logprobs)."""
+        if not h.req_ids:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        out, want_lp = h.out, h.want_logprobs
+        fetch = (out.sampled,) + ((out.top_ids, out.top_logprobs, out.sampled_logprob,
+                                   out.sampled_rank) if want_lp else ())  # fmt: skip
+        host = jax.device_get(fetch)
+        sampled = host[0]
+        sampled_ids: list[list[int]] = []
+        logprobs: dict[str, LogprobsLists] = {}
+        batch = self.input_batch
+        for i, req_id in enumerate(h.req_ids):
+            if not h.sample_mask[i]:
+                sampled_ids.append([])
+                continue
+            tok, slot = int(sampled[i]), int(h.slots[i])
+            sampled_ids.append([tok])
+            if batch.slot_gen[slot] != h.gens[i]:
+                continue  # the slot was freed (and maybe reused) while the step ran
+            batch.num_pending[slot] -= 1
+            batch.append_token(slot, tok)
+            if want_lp and batch.logprobs[slot] >= 0:
+                top_ids, top_lp, lp, rank = (a[i] for a in host[1:])
+                logprobs[req_id] = LogprobsLists(
+                    token_ids=[[tok, *top_ids.tolist()]],
+                    logprobs=[[float(lp), *top_lp.tolist()]],
+                    ranks=[int(rank)],
+                )
+        return ModelRunnerOutput(
+            req_ids=h.req_ids, sampled_token_ids=sampled_ids, logprobs=logprobs
+        )
 
     def _input_sharding(self):
         return None if self.shardings is None else self.shardings.replicated
@@ -241,29 +317,3 @@ class ModelRunner:
         if self.shardings is None:
             return jax.device_put(inputs)
         return self.shardings.put_replicated(inputs)
-
-    def _collect(self, req_ids, slots, hs: HostStep, out, want_lp: bool) -> ModelRunnerOutput:
-        r = len(req_ids)
-        sample_mask = hs.sampling["sample_mask"][:r]
-        fetch = (out.sampled,) + ((out.top_ids, out.top_logprobs, out.sampled_logprob,
-                                   out.sampled_rank) if want_lp else ())  # fmt: skip
-        host = jax.device_get(fetch)
-        sampled = host[0][:r]
-        sampled_ids: list[list[int]] = []
-        logprobs: dict[str, LogprobsLists] = {}
-        batch = self.input_batch
-        for i, req_id in enumerate(req_ids):
-            if not sample_mask[i]:
-                sampled_ids.append([])
-                continue
-            tok = int(sampled[i])
-            batch.append_token(int(slots[i]), tok)
-            sampled_ids.append([tok])
-            if want_lp and batch.logprobs[slots[i]] >= 0:
-                top_ids, top_lp, lp, rank = (a[i] for a in host[1:])
-                logprobs[req_id] = LogprobsLists(
-                    token_ids=[[tok, *top_ids.tolist()]],
-                    logprobs=[[float(lp), *top_lp.tolist()]],
-                    ranks=[int(rank)],
-                )
-        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled_ids, logprobs=logprobs)

@@ -1,7 +1,7 @@
 """Multi-process serving: process 0 schedules, every process runs the same steps.
 
-    process 0:  Engine ─► MirroredRunner.execute_model(so) ─► publish pickle(so) as step n
-                                                           ─► ModelRunner.execute_model(so)
+    process 0:  Engine ─► MirroredRunner.dispatch(so) ─► publish pickle(so) as step n
+                                                      ─► ModelRunner.dispatch(so)
     process i:  follow(runner): read step n ─► ModelRunner.execute_model(so) ─► n + 1
 
 Requests reach only process 0 (the HTTP server), but a jitted step over a mesh that spans
@@ -11,7 +11,10 @@ key-value store (the coordinator that jax.distributed.initialize started) is eno
 followers' persistent batches apply the same diffs and build the same inputs.
 
 Keys are deleted once read: when the leader's step n returns from the device, every
-follower has joined its collectives, so has read step n. Steps without device work (only
+follower has joined its collectives, so has read step n (and every key before it). Under
+async scheduling the leader dispatches step n+1 before it reads step n; the followers run
+each step synchronously, which gives the same inputs (the token the leader feeds on device
+is on their host already). Steps without device work (only
 diffs) stay until the next step that has some.
 """
 
@@ -56,12 +59,22 @@ class MirroredRunner:
         self.step += 1
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.dispatch(so))
+
+    def dispatch(self, so: SchedulerOutput):
         self._publish(pickle.dumps(so, protocol=pickle.HIGHEST_PROTOCOL))
-        out = self.runner.execute_model(so)
-        if so.num_scheduled_tokens:  # the device step synchronised every process
-            for key in self.pending:
+        return self.step, bool(so.num_scheduled_tokens), self.runner.dispatch(so)
+
+    def collect(self, handle) -> ModelRunnerOutput:
+        num_published, has_work, inner = handle
+        out = self.runner.collect(inner)
+        if has_work:
+            # This step's device work synchronised every process, so each has read every
+            # key up to it; a step dispatched after it (async scheduling) may not be read yet.
+            done = [k for k in self.pending if int(k.rsplit("/", 1)[1]) < num_published]
+            for key in done:
                 self.client.key_value_delete(key)
-            self.pending.clear()
+                self.pending.remove(key)
         return out
 
     def stop(self) -> None:

@@ -51,13 +51,32 @@ class FakeModelRunner:
                 logprobs[req_id] = self.logprobs_for(token, index)
         return ModelRunnerOutput(req_ids, sampled, logprobs)
 
+    # Async scheduling: the fake computes at dispatch (device steps run in order) and hands
+    # the result back at collect, after the engine has scheduled and dispatched the next step.
+    def dispatch(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model(out)
+
+    def collect(self, handle: ModelRunnerOutput) -> ModelRunnerOutput:
+        return handle
+
     def logprobs_for(self, token: int, index: int) -> LogprobsLists:
         top = [(token + j) % self.vocab_size for j in range(MAX_LOGPROBS)]
         lps = [-0.5 * (j + 1) - index for j in range(MAX_LOGPROBS)]
         return LogprobsLists([[token, *top]], [[lps[0], *lps]], [1])
 
 
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+def async_scheduling(request, monkeypatch):
+    """Every engine test runs with synchronous and with async scheduling."""
+    monkeypatch.setattr(f"{__name__}.ASYNC_SCHEDULING", request.param)
+    return request.param
+
+
+ASYNC_SCHEDULING = False
+
+
 def make_engine(script, num_blocks=64, max_model_len=128, block_size=4, **sched):
+    sched.setdefault("async_scheduling", ASYNC_SCHEDULING)
     tok = build_byte_level_tokenizer()
     model = ModelConfig(
         model_type="llama", vocab_size=len(tok), hidden_size=8, intermediate_size=16,
@@ -146,7 +165,8 @@ def test_stop_string_split_across_tokens_finishes_request(include):
     assert comp.text == ("abc STOP" if include else "abc ")
     assert comp.finish_reason == "stop" and comp.stop_reason == "STOP"
     assert len(comp.token_ids) == len("abc STOP")
-    assert runner.num_steps == len("abc STOP")
+    # Async: the step after the one that produced "P" was dispatched before "P" was seen.
+    assert runner.num_steps == len("abc STOP") + engine.async_scheduling
     assert engine.get_stats().scheduler.num_free_blocks == free
     assert not engine.scheduler.has_unfinished_requests()
     assert engine.step() == [] and not runner.num_tokens  # the next step tells the runner

@@ -6,11 +6,16 @@ KV pool: every slot holds a key of the token prefix that produced it. Before any
 step, each scheduled request reads its history [0, num_computed_tokens) through its block
 table and must find its own prefix there; so a wrong prefix hit, a salt leak, a block reused
 while still held, or a hit on KV not written yet all fail.
+
+With async scheduling the loop is pipelined as the engine runs it: step k+1 is scheduled
+(and executed, since device steps run in order) before step k's output is applied.
 """
 
+import dataclasses
 import random
 from collections import Counter
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -173,14 +178,37 @@ def check_finished(req, max_model_len):
         assert req.status == RequestStatus.FINISHED_ABORTED
 
 
-def run_workload(sc, cc, seed, num_requests):
+def _ends_in_flight(req, max_model_len):
+    """Its token in flight reaches a length limit: async scheduling leaves it unscheduled."""
+    n = req.num_output_placeholders
+    return n > 0 and (
+        req.num_output_tokens + n >= req.max_tokens
+        or req.num_tokens_with_placeholders >= max_model_len
+    )
+
+
+def run_workload(sc, cc, seed, num_requests, async_scheduling=False):
     rng = random.Random(seed)
+    sc = dataclasses.replace(sc, async_scheduling=async_scheduling)
     sched = Scheduler(sc, cc)
     arrivals = make_requests(rng, sc, cc, num_requests)
     all_requests = [req for _, req in arrivals]
     runner = FakeRunner(cc.block_size, rng)
     step = 0
-    while arrivals or sched.has_unfinished_requests():
+    in_flight = None  # async: (SchedulerOutput, runner output) not applied yet
+
+    def update(out, runner_output):
+        if out.num_scheduled_tokens and rng.random() < 0.02:  # abort while the step runs
+            rid = rng.choice(list(out.num_scheduled_tokens))
+            sched.finish_requests(rid, RequestStatus.FINISHED_ABORTED)
+        updates = sched.update_from_output(out, runner_output)
+        sampled = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids, strict=True))
+        for u in updates:
+            assert u.new_token_ids == sampled[u.request.request_id]
+            assert u.finished == u.request.is_finished()
+        check_pool(sched)
+
+    while arrivals or sched.has_unfinished_requests() or in_flight:
         while arrivals and arrivals[0][0] <= step:
             sched.add_request(arrivals.pop(0)[1])
         if sched.requests and rng.random() < 0.04:
@@ -191,20 +219,21 @@ def run_workload(sc, cc, seed, num_requests):
         assert out.total_num_scheduled_tokens <= sc.max_num_batched_tokens
         assert out.num_reqs <= sc.max_num_seqs
         assert out.preempted_req_ids <= out.finished_req_ids
-        if sched.running:  # something always progresses: no deadlock, no idle step
-            assert out.total_num_scheduled_tokens > 0
+        if sched.running and not out.total_num_scheduled_tokens:
+            # Something always progresses (no deadlock, no idle step), unless every running
+            # request's last token is in flight.
+            assert all(_ends_in_flight(r, sc.max_model_len) for r in sched.running)
+        for req in sched.requests.values():  # async: step k and k+1 both in flight
+            assert req.num_output_placeholders <= (2 if async_scheduling else 0), req
         check_pool(sched)
         runner.apply(sched, out)
         runner_output = runner.execute(sched, out)
-        if out.num_scheduled_tokens and rng.random() < 0.02:  # abort while the step runs
-            rid = rng.choice(list(out.num_scheduled_tokens))
-            sched.finish_requests(rid, RequestStatus.FINISHED_ABORTED)
-        updates = sched.update_from_output(out, runner_output)
-        sampled = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids, strict=True))
-        for update in updates:
-            assert update.new_token_ids == sampled[update.request.request_id]
-            assert update.finished == update.request.is_finished()
-        check_pool(sched)
+        if async_scheduling:
+            if in_flight is not None:
+                update(*in_flight)
+            in_flight = (out, runner_output) if out.num_scheduled_tokens else None
+        else:
+            update(out, runner_output)
         step += 1
         assert step < 100 * (num_requests + 10), "no progress"
     runner.apply(sched, sched.schedule())
@@ -228,7 +257,20 @@ def test_scheduler_invariants(config, seed, num_requests):
     run_workload(sc, cc, seed, num_requests)
 
 
-def test_fixed_workloads_run_thousands_of_steps():
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(config=configs(), seed=st.integers(0, 2**32 - 1), num_requests=st.integers(1, 24))
+def test_scheduler_invariants_async(config, seed, num_requests):
+    sc, cc = config
+    run_workload(sc, cc, seed, num_requests, async_scheduling=True)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_fixed_workloads_run_thousands_of_steps(async_scheduling):
     """A few hand-picked tight configurations, long enough to preempt and evict a lot."""
     total_steps = 0
     for policy in ("fcfs", "priority"):
@@ -236,7 +278,7 @@ def test_fixed_workloads_run_thousands_of_steps():
             sc = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=12, max_model_len=32,
                                  policy=policy, long_prefill_token_threshold=5)  # fmt: skip
             cc = CacheConfig(block_size=4, num_blocks=10, enable_prefix_caching=caching)
-            steps, sched = run_workload(sc, cc, seed=1234, num_requests=100)
+            steps, sched = run_workload(sc, cc, 1234, 100, async_scheduling)
             stats = sched.make_stats()
             assert stats.num_preemptions_total > 0
             assert (stats.prefix_cache_hits_total > 0) == caching
