@@ -213,3 +213,30 @@ def test_async_scheduling_gives_the_synchronous_tokens(tight_llm, hf_model_dir):
     assert stats.num_free_blocks == tight_llm.config.cache.num_blocks - 1
     assert not tight_llm.engine.has_unfinished_requests()
     assert tight_llm.engine._in_flight is None
+
+
+def test_second_start_loads_every_bucket_from_the_executable_cache(
+    hf_model_dir, tmp_path, monkeypatch
+):
+    # Pool sizes no other test uses: XLA's own cache (shared by the session) has no entry,
+    # so the first start compiles and stores every bucket.
+    monkeypatch.setenv("JAXPAGED_COMPILATION_CACHE", str(tmp_path))
+    prompts = _prompts(7, [5, 40, 17])
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    first = _llm(hf_model_dir[0], num_kv_blocks=21)
+    stats = first.model_runner.compile_stats
+    assert stats["buckets_loaded"] == 0 and stats["buckets_compiled"] > 0
+    want = [o.outputs[0].token_ids for o in first.generate(prompts, params, use_tqdm=False)]
+    del first
+    second = _llm(hf_model_dir[0], num_kv_blocks=21)
+    runner = second.model_runner
+    assert runner.compile_stats["buckets_compiled"] == 0
+    assert runner.compile_stats["buckets_loaded"] == stats["buckets_compiled"]
+    assert runner.compile_stats["trace_s"] < stats["trace_s"]
+    k0 = runner.kv_caches[0][0]
+    got = [o.outputs[0].token_ids for o in second.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert k0.is_deleted(), "a loaded executable must still donate the KV pool"
+    # A different pool size is a different executable: nothing may be reused for it.
+    third = _llm(hf_model_dir[0], num_kv_blocks=22)
+    assert third.model_runner.compile_stats["buckets_loaded"] == 0

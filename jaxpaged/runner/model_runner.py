@@ -35,6 +35,7 @@ from jaxpaged.config import ModelConfig
 from jaxpaged.engine.scheduler_output import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from jaxpaged.models.llama import build_model
 from jaxpaged.runner.buckets import Buckets
+from jaxpaged.runner.executable_cache import ExecutableCache, compile_fresh
 from jaxpaged.runner.input_batch import HostStep, InputBatch
 from jaxpaged.runner.sampler import PenaltyState, SamplingTensors, init_penalty_row, sample
 
@@ -126,6 +127,8 @@ class ModelRunner:
         )
         self._init_row = jax.jit(init_penalty_row, donate_argnames=("state",))
         self._compiled: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
+        self.executable_cache = ExecutableCache.from_env()
+        self.compile_stats: dict[str, float] = {}
 
     def _allocate_kv(self, num_blocks: int):
         c = self.config
@@ -148,7 +151,11 @@ class ModelRunner:
         key = max(self.buckets.all_keys())
         hs = self.input_batch.prepare(*(np.zeros(0, np.int32),) * 3, key[0], key[1])
         inputs = self._put_inputs(_to_inputs(hs, key[2], True))
-        step = self._step.lower(*self._state(), inputs).compile()
+        step = self._cached(("profile", *key), inputs)
+        if step is None:
+            step, fresh = compile_fresh(self._step.lower(*self._state(), inputs))
+            if fresh:
+                self._store(("profile", *key), inputs, step)
         self.kv_caches, self.penalty_state, self.last_tokens, out = step(*self._state(), inputs)
         jax.block_until_ready(out)
         stats = jax.devices()[0].memory_stats() or {}
@@ -192,25 +199,66 @@ class ModelRunner:
             inputs,
         )
 
+    def _cache_key(self, bucket, inputs) -> str | None:
+        if self.executable_cache is None:
+            return None
+        backend = type(self.backend)
+        description = "\n".join(map(str, (
+            self.config, f"{backend.__module__}.{backend.__qualname__}", self.dtype,
+            self.block_size, self.max_model_len, self.buckets, bucket,
+            os.environ.get("XLA_FLAGS", ""),
+        )))  # fmt: skip
+        return self.executable_cache.key(description, (self._state(), inputs))
+
+    def _cached(self, bucket, inputs) -> jax.stages.Compiled | None:
+        key = self._cache_key(bucket, inputs)
+        return None if key is None else self.executable_cache.load(key)
+
+    def _store(self, bucket, inputs, compiled) -> None:
+        key = self._cache_key(bucket, inputs)
+        if key is not None:
+            self.executable_cache.store(key, compiled)
+
     def compile_all(self, show_progress: bool = True) -> float:
-        """Compile every bucket; returns seconds taken. Tracing is sequential (Flax is not
-        thread-safe), XLA compilation runs in parallel threads."""
+        """Compile every bucket; returns seconds taken. Buckets in the executable cache are
+        loaded; the others are traced in sequence (Flax is not thread-safe) and compiled in
+        parallel threads, then stored."""
         start = time.perf_counter()
         keys = self.buckets.all_keys()
-        lowered = {
-            key: self._step.lower(*self._state(), self._abstract_inputs(*key)) for key in keys
-        }
-        bar = tqdm(total=len(keys), desc="Compiling step buckets", disable=not show_progress)
+        abstract = {key: self._abstract_inputs(*key) for key in keys}
+        todo = []
+        for key in keys:
+            compiled = self._cached(key, abstract[key])
+            if compiled is None:
+                todo.append(key)
+            else:
+                self._compiled[key] = compiled
+        loaded_s = time.perf_counter() - start
+        lowered = {key: self._step.lower(*self._state(), abstract[key]) for key in todo}
+        traced_s = time.perf_counter() - start - loaded_s
+        bar = tqdm(total=len(todo), desc="Compiling step buckets", disable=not show_progress)
+        fresh = {}
         with ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 4) // 2)) as pool:
-            futures = {key: pool.submit(low.compile) for key, low in lowered.items()}
+            futures = {key: pool.submit(compile_fresh, low) for key, low in lowered.items()}
             for key, fut in futures.items():
-                self._compiled[key] = fut.result()
+                self._compiled[key], fresh[key] = fut.result()
                 bar.update(1)
         bar.close()
+        compiled_s = time.perf_counter() - start - loaded_s - traced_s
+        for key in todo:
+            if fresh[key]:
+                self._store(key, abstract[key], self._compiled[key])
         self._init_row_compiled = self._init_row.lower(
             self.penalty_state, np.int32(0), np.zeros(self.max_model_len, np.int32), np.int32(0)
         ).compile()
-        return time.perf_counter() - start
+        total = time.perf_counter() - start
+        self.compile_stats = {
+            "buckets_loaded": len(keys) - len(todo), "buckets_compiled": len(todo),
+            "load_s": loaded_s, "trace_s": traced_s, "compile_s": compiled_s,
+            "total_s": total,
+        }  # fmt: skip
+        logger.info("step buckets: %s", self.compile_stats)
+        return total
 
     @property
     def num_compiled(self) -> int:
