@@ -46,7 +46,13 @@ def part_ceilings(smoke: bool) -> dict:
     mm = jax.jit(lambda p, q: p @ q)
     _time(lambda: mm(a, a), 3)
     mm_s = _time(lambda: mm(a, a), 10)
-    return {"copy_GBps": 2 * n * 2 / copy_s / 1e9, "matmul_TFLOPs": 2 * m**3 / mm_s / 1e12}
+    return {
+        "copy_GBps": 2 * n * 2 / copy_s / 1e9,
+        "matmul_TFLOPs": 2 * m**3 / mm_s / 1e12,
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def _time(fn, iters: int) -> float:
@@ -160,14 +166,15 @@ def part_jaxpaged(
     llm = LLM(model, load_format="dummy", **kw)
     res = {"startup_s": time.perf_counter() - start, "compile_s": llm.compile_seconds,
            "num_buckets": llm.model_runner.num_compiled,
-           "num_kv_blocks": llm.model_runner.num_blocks}  # fmt: skip
+           "num_kv_blocks": llm.model_runner.num_blocks,
+           "compile_stats": llm.model_runner.compile_stats}  # fmt: skip
     scale = 0.02 if smoke else 1.0
     specs = {
         "a": dict(num_prompts=int(256 * scale) or 2, random_range=(100, 1024) if not smoke
                   else (10, 60), input_len=0, output_len=0),
         "b": dict(num_prompts=int(1000 * scale), input_len=128, output_len=128,
                   random_range=None),
-        "c": dict(num_prompts=int(300 * scale), input_len=1024 if not smoke else 64,
+        "c": dict(num_prompts=int(1000 * scale), input_len=1024 if not smoke else 64,
                   output_len=512 if not smoke else 32, random_range=None),
     }  # fmt: skip
     for name in workloads:
@@ -341,7 +348,9 @@ def main() -> None:
         action="store_true",
         help="also time decode steps and (b) with synchronous scheduling",
     )
-    ap.add_argument("--skip", default="", help="comma list of parts to skip (hf, xla, warm)")
+    ap.add_argument(
+        "--skip", default="", help="comma list of parts to skip (jaxpaged, warm, xla, hf)"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, runs on CPU")
     args = ap.parse_args()
     if args.part:
@@ -356,16 +365,20 @@ def main() -> None:
         r = results["models"][model] = {}
         payload = {"model": model, "smoke": args.smoke, "cache_dir": cache,
                    "workloads": args.workloads.split(",")}  # fmt: skip
-        r["jaxpaged"] = _spawn("jaxpaged", dict(payload, sync_compare=args.sync_compare))
-        print(model, "jaxpaged", r["jaxpaged"], flush=True)
-        if "warm" not in skip:
-            r["jaxpaged_warm"] = _spawn("jaxpaged", dict(payload, workloads=[]))
-        if "xla" not in skip:
-            r["xla"] = _spawn("xla", {"model": model, "smoke": args.smoke})
-        if "hf" not in skip:
-            r["hf"] = _spawn("hf", {"model": model, "smoke": args.smoke})
-        with open(os.path.join(args.out, "e2e.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        parts = [
+            ("jaxpaged", "jaxpaged", dict(payload, sync_compare=args.sync_compare)),
+            ("jaxpaged_warm", "jaxpaged", dict(payload, workloads=[])),  # same cache dir
+            ("hf", "hf", {"model": model, "smoke": args.smoke}),
+            ("xla", "xla", {"model": model, "smoke": args.smoke}),
+        ]
+        for name, part, part_payload in parts:
+            if name.removeprefix("jaxpaged_") in skip:
+                continue
+            start = time.perf_counter()
+            r[name] = _spawn(part, part_payload)
+            print(f"{model} {name} ({time.perf_counter() - start:.0f} s):", r[name], flush=True)
+            with open(os.path.join(args.out, "e2e.json"), "w") as f:  # after every part
+                json.dump(results, f, indent=2)
     print(_table(results))
 
 

@@ -85,7 +85,7 @@ class ExecutableCache:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.hits = 0
-        self.misses = 0
+        self.misses = 0  # counters only: updated from loader threads without a lock
 
     @classmethod
     def from_env(cls) -> ExecutableCache | None:

@@ -226,19 +226,18 @@ class ModelRunner:
         start = time.perf_counter()
         keys = self.buckets.all_keys()
         abstract = {key: self._abstract_inputs(*key) for key in keys}
-        todo = []
-        for key in keys:
-            compiled = self._cached(key, abstract[key])
-            if compiled is None:
-                todo.append(key)
-            else:
-                self._compiled[key] = compiled
+        workers = max(2, (os.cpu_count() or 4) // 2)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            found = pool.map(lambda k: self._cached(k, abstract[k]), keys)
+            loaded = dict(zip(keys, found, strict=True))
+        todo = [key for key in keys if loaded[key] is None]
+        self._compiled.update({k: v for k, v in loaded.items() if v is not None})
         loaded_s = time.perf_counter() - start
         lowered = {key: self._step.lower(*self._state(), abstract[key]) for key in todo}
         traced_s = time.perf_counter() - start - loaded_s
         bar = tqdm(total=len(todo), desc="Compiling step buckets", disable=not show_progress)
         fresh = {}
-        with ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 4) // 2)) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = {key: pool.submit(compile_fresh, low) for key, low in lowered.items()}
             for key, fut in futures.items():
                 self._compiled[key], fresh[key] = fut.result()
