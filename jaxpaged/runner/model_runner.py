@@ -5,15 +5,16 @@
                     ─► sampled ids (+ logprobs if asked) back to host ─► ModelRunnerOutput
 
 The step is ONE jitted function, `step(params, kv_caches, penalty_state, last_tokens,
-inputs)`, compiled ahead of time for every (tokens, requests) bucket at start-up; the KV pool,
+packed)`, compiled ahead of time for every (tokens, requests) bucket at start-up; the KV pool,
 the penalty state and `last_tokens` (each slot's last sampled id) are donated, so they are
 updated in place. A step whose shape has no bucket is a bug, not a reason to compile in the
-serving loop.
+serving loop. `packed` is the step's StepInputs packed into one int32 buffer (one
+host-to-device transfer; runner/packing.py), unpacked inside the step.
 
 `execute_model(so)` is `collect(dispatch(so))`. Under async scheduling the engine calls
 `dispatch(so_k+1)` before `collect(step k)`: dispatch only enqueues device work, and a token
 that step k samples reaches step k+1 through `last_tokens` on the device (input id -1), so
-the host never stands between two steps.
+the host does not wait for step k before it enqueues step k+1.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from jaxpaged.models.llama import build_model
 from jaxpaged.runner.buckets import Buckets
 from jaxpaged.runner.executable_cache import ExecutableCache, compile_fresh
 from jaxpaged.runner.input_batch import HostStep, InputBatch
+from jaxpaged.runner.packing import PackLayout, pack, unpack
 from jaxpaged.runner.sampler import PenaltyState, SamplingTensors, init_penalty_row, sample
 
 logger = logging.getLogger(__name__)
@@ -123,8 +125,11 @@ class ModelRunner:
                 (self.penalty_state, self.last_tokens), mesh_shardings.replicated
             )
         self._step = jax.jit(
-            self._step_fn, donate_argnames=("kv_caches", "penalty_state", "last_tokens")
+            self._step_fn,
+            donate_argnames=("kv_caches", "penalty_state", "last_tokens"),
+            static_argnames=("layout",),
         )
+        self._layouts: dict[tuple[int, int, bool], PackLayout] = {}
         self._init_row = jax.jit(init_penalty_row, donate_argnames=("state",))
         self._compiled: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
         self.executable_cache = ExecutableCache.from_env()
@@ -150,10 +155,11 @@ class ModelRunner:
         """Run the largest bucket once (all padding) and return the device's peak bytes."""
         key = max(self.buckets.all_keys())
         hs = self.input_batch.prepare(*(np.zeros(0, np.int32),) * 3, key[0], key[1])
-        inputs = self._put_inputs(_to_inputs(hs, key[2], True))
+        layout = self._layout(key)
+        inputs = self._put_inputs(pack(_to_inputs(hs, key[2], True), layout))
         step = self._cached(("profile", *key), inputs)
         if step is None:
-            step, fresh = compile_fresh(self._step.lower(*self._state(), inputs))
+            step, fresh = compile_fresh(self._step.lower(*self._state(), inputs, layout=layout))
             if fresh:
                 self._store(("profile", *key), inputs, step)
         self.kv_caches, self.penalty_state, self.last_tokens, out = step(*self._state(), inputs)
@@ -165,7 +171,8 @@ class ModelRunner:
     def _state(self):
         return self.params, self.kv_caches, self.penalty_state, self.last_tokens
 
-    def _step_fn(self, params, kv_caches, penalty_state, last_tokens, inputs: StepInputs):
+    def _step_fn(self, params, kv_caches, penalty_state, last_tokens, packed, layout):
+        inputs: StepInputs = unpack(packed, layout)
         st = inputs.sampling
         # Id -1: the token its slot sampled in the previous step, not yet seen by the host.
         token_slots = st.slots[inputs.md.token_req_idx]
@@ -188,16 +195,17 @@ class ModelRunner:
             )
         return kv_caches, penalty_state, last_tokens, out
 
-    def _abstract_inputs(self, num_tokens: int, num_reqs: int, decode_only: bool) -> StepInputs:
-        slots = np.zeros(num_reqs, np.int32)
-        counts = np.zeros(num_reqs, np.int32)
-        hs = self.input_batch.prepare(slots[:0], slots[:0], counts[:0], num_tokens, num_reqs)
-        inputs = _to_inputs(hs, decode_only, False)
-        sharding = self._input_sharding()
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding),
-            inputs,
-        )
+    def _layout(self, key: tuple[int, int, bool]) -> PackLayout:
+        """How bucket `key`'s StepInputs are packed into one int32 buffer."""
+        if key not in self._layouts:
+            empty = np.zeros(0, np.int32)
+            hs = self.input_batch.prepare(empty, empty, empty, key[0], key[1])
+            self._layouts[key] = PackLayout.of(_to_inputs(hs, key[2], False))
+        return self._layouts[key]
+
+    def _abstract_inputs(self, num_tokens: int, num_reqs: int, decode_only: bool):
+        size = self._layout((num_tokens, num_reqs, decode_only)).size
+        return jax.ShapeDtypeStruct((size,), np.int32, sharding=self._input_sharding())
 
     def _cache_key(self, bucket, inputs) -> str | None:
         if self.executable_cache is None:
@@ -233,7 +241,10 @@ class ModelRunner:
         todo = [key for key in keys if loaded[key] is None]
         self._compiled.update({k: v for k, v in loaded.items() if v is not None})
         loaded_s = time.perf_counter() - start
-        lowered = {key: self._step.lower(*self._state(), abstract[key]) for key in todo}
+        lowered = {
+            key: self._step.lower(*self._state(), abstract[key], layout=self._layout(key))
+            for key in todo
+        }
         traced_s = time.perf_counter() - start - loaded_s
         bar = tqdm(total=len(todo), desc="Compiling step buckets", disable=not show_progress)
         fresh = {}
@@ -308,7 +319,7 @@ class ModelRunner:
         key = self.buckets.select(int(counts.sum()), len(req_ids), bool((counts == 1).all()))
         hs = batch.prepare(slots, start_arr, counts, key[0], key[1])
         want_lp = bool((batch.logprobs[slots] >= 0).any())
-        inputs = self._put_inputs(_to_inputs(hs, key[2], want_lp))
+        inputs = self._put_inputs(pack(_to_inputs(hs, key[2], want_lp), self._layout(key)))
         self.kv_caches, self.penalty_state, self.last_tokens, out = self._compiled[key](
             *self._state(), inputs
         )
@@ -360,7 +371,7 @@ class ModelRunner:
     def _input_sharding(self):
         return None if self.shardings is None else self.shardings.replicated
 
-    def _put_inputs(self, inputs: StepInputs) -> StepInputs:
+    def _put_inputs(self, inputs: np.ndarray) -> jax.Array:
         if self.shardings is None:
             return jax.device_put(inputs)
         return self.shardings.put_replicated(inputs)
