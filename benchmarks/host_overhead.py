@@ -8,6 +8,9 @@
 2. Engine: one greedy stream of 128 tokens, async and sync scheduling, with every host
    stage timed per step (schedule, dispatch's input build / device_put / executable call,
    collect's wait, update) and the device-idle share.
+3. With --dump-ops: XLA's optimised HLO of the step is dumped and the top-level
+   instructions of its entry computation (each one a kernel launch, a library call or a
+   copy for the XLA:GPU runtime) are counted by kind, per step and per layer.
 Results: $OUT/host_overhead.json, and a summary printed.
 """
 
@@ -116,12 +119,36 @@ def engine_stages(llm, async_on: bool, num_tokens: int) -> dict:
     return res
 
 
+def count_entry_ops(dump_dir: str) -> dict:
+    """Opcode counts of the ENTRY computation of each dumped optimised step module."""
+    import glob
+    import re
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(dump_dir, "*_step_fn*after_optimizations.txt"))):
+        text = open(path).read()
+        entry = text[text.index("\nENTRY ") :]
+        entry = entry[: entry.index("\n}\n")]
+        ops = re.findall(r"= [^ ]+ ([a-z][a-z0-9-]*)\(", entry)
+        counts: dict[str, int] = defaultdict(int)
+        for op in ops:
+            counts[op] += 1
+        out[os.path.basename(path)] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--dump-ops", action="store_true")
     args = ap.parse_args()
+    dump_dir = None
+    if args.dump_ops:  # before jax initialises its backend
+        dump_dir = "/tmp/jaxpaged_hlo_dump"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}"
+                                   " --xla_dump_hlo_module_re=.*_step_fn.*")  # fmt: skip
     from jaxpaged.llm import LLM
 
     res = {"micro": micro(args.smoke)}
@@ -136,6 +163,11 @@ def main() -> None:
     for mode in ("async", "sync"):
         res[mode] = engine_stages(llm, mode == "async", n)
         print(mode, json.dumps(res[mode]), flush=True)
+    if dump_dir:
+        res["entry_ops"] = count_entry_ops(dump_dir)
+        res["num_layers"] = llm.config.model.num_layers
+        for name, counts in res["entry_ops"].items():
+            print(name, sum(counts.values()), "top-level ops:", json.dumps(counts), flush=True)
     with open(os.path.join(args.out, "host_overhead.json"), "w") as f:
         json.dump(res, f, indent=2)
 

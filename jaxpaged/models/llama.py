@@ -32,6 +32,16 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 def _param(module: nn.Module, name: str, shape, axes, init=_init, dtype=jnp.float32):
+    if not module.is_initializing() and module.has_variable("params", name):
+        # Applying: read the parameter directly. module.param() would also trace the
+        # initializer (jax.eval_shape) to check the shape, ~20% of tracing a step bucket.
+        value = nn.meta.unbox(module.get_variable("params", name))
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(
+                f"parameter {module.path}/{name} has shape {tuple(value.shape)}, but the model "
+                f"config implies {tuple(shape)}"
+            )
+        return value
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
