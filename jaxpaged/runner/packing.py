@@ -9,7 +9,9 @@ is free slicing and bitcasts inside the compiled step.
     pack(tree, layout)   numpy leaves -> int32[layout.size]       (host)
     unpack(buf, layout)  int32[layout.size] -> the same pytree    (inside jit)
 
-Leaves may be int32, uint32, float32 (bitcast) or bool (0/1).
+Leaves may be int32, uint32, float32 (bitcast) or bool (0/1). Every leaf starts at a
+256-byte boundary: XLA may hand a kernel a slice of the buffer without copying it, and Mosaic
+GPU kernels reject operands that are not 256-byte aligned.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ import numpy as np
 
 _BITCAST = (np.dtype(np.int32), np.dtype(np.uint32), np.dtype(np.float32))
 _BOOL = np.dtype(np.bool_)
+_ALIGN = 64  # int32 words: 256 bytes
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class PackLayout:
 
     @property
     def size(self) -> int:
-        return sum(math.prod(shape) for shape, _ in self.specs)
+        return sum(_aligned(math.prod(shape)) for shape, _ in self.specs)
 
 
 def pack(tree, layout: PackLayout) -> np.ndarray:
@@ -56,7 +63,8 @@ def pack(tree, layout: PackLayout) -> np.ndarray:
         x = np.asarray(x)
         if x.shape != shape or x.dtype != dtype:
             raise ValueError(f"leaf {x.shape}:{x.dtype} does not match {shape}:{dtype}")
-        parts.append((x.astype(np.int32) if dtype == _BOOL else x.view(np.int32)).ravel())
+        flat = (x.astype(np.int32) if dtype == _BOOL else x.view(np.int32)).ravel()
+        parts += [flat, np.zeros(_aligned(flat.size) - flat.size, np.int32)]
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
@@ -65,7 +73,7 @@ def unpack(buf: jax.Array, layout: PackLayout):
     for shape, dtype in layout.specs:
         n = math.prod(shape)
         x = buf[offset : offset + n].reshape(shape)
-        offset += n
+        offset += _aligned(n)
         if dtype == _BOOL:
             x = x != 0
         elif dtype != np.int32:
