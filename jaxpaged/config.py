@@ -145,9 +145,11 @@ class SchedulerConfig:
     """If > 0, a single prefill chunk is capped at this many tokens."""
     async_scheduling: bool = False
     """Schedule step k+1 while step k runs on the device: each request that samples in step
-    k holds one output placeholder, whose token the runner feeds on device (vLLM's
-    async scheduling). Same tokens as synchronous scheduling; the device does not wait for
-    the host between steps."""
+    k holds one output placeholder, whose token the runner feeds on device (vLLM's async
+    scheduling). Per request the same tokens as synchronous scheduling for the same step
+    composition; but a request that stops on a token still takes part in one more step,
+    so steps can be composed differently (budget, preemptions), which with bf16 can move
+    near-tie greedy choices as any batch change does."""
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):

@@ -240,3 +240,33 @@ def test_second_start_loads_every_bucket_from_the_executable_cache(
     # A different pool size is a different executable: nothing may be reused for it.
     third = _llm(hf_model_dir[0], num_kv_blocks=22)
     assert third.model_runner.compile_stats["buckets_loaded"] == 0
+
+
+def test_async_keeps_logprobs_of_requests_preempted_with_a_token_in_flight(tight_llm, hf_model_dir):
+    """A request preempted while its sampled token is still on the device keeps that token;
+    its logprobs must come with it (one entry per token, as synchronous scheduling)."""
+    prompts = _prompts(0, LENGTHS)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    before = tight_llm.engine.get_stats().scheduler.num_preemptions_total
+    got = tight_llm.generate(prompts, params, use_tqdm=False)
+    assert tight_llm.engine.get_stats().scheduler.num_preemptions_total > before
+    sync_llm = _llm(hf_model_dir[0], num_kv_blocks=18, async_scheduling=False)
+    want = sync_llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(got, want, strict=True):
+        ca, cb = a.outputs[0], b.outputs[0]
+        assert ca.token_ids == cb.token_ids
+        assert len(ca.logprobs) == len(ca.token_ids), a.request_id
+        assert ca.cumulative_logprob == pytest.approx(cb.cumulative_logprob, abs=1e-4)
+
+
+def test_idle_engine_settles_the_step_in_flight_after_an_abort(tight_llm):
+    engine = tight_llm.engine
+    engine.add_request("idle-abort", None, [5, 6, 7], SamplingParams(max_tokens=50))
+    engine.step()
+    engine.step()
+    assert engine._in_flight is not None
+    engine.abort_request("idle-abort")
+    assert not engine.has_unfinished_requests()
+    assert engine._in_flight is None and not engine.scheduler._scheduled
+    engine.step()  # tells the runner to drop the slot
+    assert "idle-abort" not in tight_llm.model_runner.input_batch.slot_of

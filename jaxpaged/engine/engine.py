@@ -164,6 +164,7 @@ class Engine:
         child_ids = self.output_processor.abort_requests(list(request_ids))
         if child_ids:
             self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        self._settle_if_idle()
 
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished_requests()
@@ -203,16 +204,17 @@ class Engine:
         nxt = self._schedule()
         self._in_flight = None if nxt is None else (nxt, self.model_runner.dispatch(nxt))
         outputs = self._update(scheduler_output, self.model_runner.collect(handle))
-        if self._in_flight is not None and not self.has_unfinished_requests():
-            # Nothing is waiting for the step in flight: settle it now, so an idle engine
-            # holds no pending device work (its results are dropped: all finished).
-            self._update(*self._collect_in_flight())
+        self._settle_if_idle()
         return outputs
 
-    def _collect_in_flight(self):
+    def _settle_if_idle(self) -> None:
+        """With no unfinished request, nothing waits for the step in flight: read it now (its
+        results are all dropped), so an idle engine holds no device work or snapshots."""
+        if self._in_flight is None or self.has_unfinished_requests():
+            return
         scheduler_output, handle = self._in_flight
         self._in_flight = None
-        return scheduler_output, self.model_runner.collect(handle)
+        self._update(scheduler_output, self.model_runner.collect(handle))
 
     def _update(self, scheduler_output, runner_output) -> list[RequestOutput]:
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)

@@ -71,6 +71,18 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
+def describe_backend(backend, depth: int = 0) -> str:
+    """The attention backend's class and settings (layout, interpret, a wrapped backend)."""
+    cls = type(backend)
+    parts = [f"{cls.__module__}.{cls.__qualname__}"]
+    for name, value in sorted(vars(backend).items()) if hasattr(backend, "__dict__") else ():
+        if isinstance(value, (str, int, float, bool, type(None), tuple)):
+            parts.append(f"{name}={value!r}")
+        elif hasattr(value, "kv_cache_shape") and depth < 3:
+            parts.append(f"{name}=({describe_backend(value, depth + 1)})")
+    return " ".join(parts)
+
+
 def _describe(tree) -> str:
     """Shapes, dtypes and shardings of a pytree of arrays / ShapeDtypeStructs."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -107,7 +119,9 @@ class ExecutableCache:
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, f"{key}.bin")
 
-    def load(self, key: str) -> jax.stages.Compiled | None:
+    def load(self, key: str, devices) -> jax.stages.Compiled | None:
+        """The cached executable for `key`, loaded onto `devices` (those it was compiled
+        for), or None."""
         path = self._path(key)
         if not os.path.exists(path):
             self.misses += 1
@@ -115,7 +129,9 @@ class ExecutableCache:
         try:
             with open(path, "rb") as f:
                 payload, in_tree, out_tree = pickle.load(f)
-            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            compiled = serialize_executable.deserialize_and_load(
+                payload, in_tree, out_tree, execution_devices=devices
+            )
         except Exception as e:  # a stale or truncated entry: recompile and overwrite it
             logger.warning("executable cache entry %s unusable (%s); recompiling", path, e)
             self.misses += 1

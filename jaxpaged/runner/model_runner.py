@@ -36,7 +36,7 @@ from jaxpaged.config import ModelConfig
 from jaxpaged.engine.scheduler_output import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from jaxpaged.models.llama import build_model
 from jaxpaged.runner.buckets import Buckets
-from jaxpaged.runner.executable_cache import ExecutableCache, compile_fresh
+from jaxpaged.runner.executable_cache import ExecutableCache, compile_fresh, describe_backend
 from jaxpaged.runner.input_batch import HostStep, InputBatch
 from jaxpaged.runner.packing import PackLayout, pack, unpack
 from jaxpaged.runner.sampler import PenaltyState, SamplingTensors, init_penalty_row, sample
@@ -82,6 +82,7 @@ class StepHandle:
     slots: np.ndarray | None = None
     gens: np.ndarray | None = None  # slot generations at dispatch
     sample_mask: np.ndarray | None = None
+    wants_logprobs: np.ndarray | None = None  # per row, at dispatch
     out: object = None  # SamplerOutput on device
     want_logprobs: bool = False
 
@@ -210,17 +211,19 @@ class ModelRunner:
     def _cache_key(self, bucket, inputs) -> str | None:
         if self.executable_cache is None:
             return None
-        backend = type(self.backend)
         description = "\n".join(map(str, (
-            self.config, f"{backend.__module__}.{backend.__qualname__}", self.dtype,
-            self.block_size, self.max_model_len, self.buckets, bucket,
-            os.environ.get("XLA_FLAGS", ""),
+            self.config, describe_backend(self.backend), self.dtype, self.block_size,
+            self.max_model_len, self.buckets, bucket, os.environ.get("XLA_FLAGS", ""),
+            sorted((k, repr(v)) for k, v in jax.config.values.items()),
         )))  # fmt: skip
         return self.executable_cache.key(description, (self._state(), inputs))
 
     def _cached(self, bucket, inputs) -> jax.stages.Compiled | None:
         key = self._cache_key(bucket, inputs)
-        return None if key is None else self.executable_cache.load(key)
+        if key is None:
+            return None
+        devices = [jax.devices()[0]] if self.shardings is None else self.shardings.mesh.devices
+        return self.executable_cache.load(key, list(np.ravel(devices)))
 
     def _store(self, bucket, inputs, compiled) -> None:
         key = self._cache_key(bucket, inputs)
@@ -332,7 +335,8 @@ class ModelRunner:
             a.copy_to_host_async()  # lands as soon as the step ends
         return StepHandle(
             req_ids=req_ids, slots=slots, gens=batch.slot_gen[slots].copy(),
-            sample_mask=sample_mask, out=out, want_logprobs=want_lp,
+            sample_mask=sample_mask, wants_logprobs=batch.logprobs[slots] >= 0, out=out,
+            want_logprobs=want_lp,
         )  # fmt: skip
 
     def collect(self, h: StepHandle) -> ModelRunnerOutput:
@@ -353,17 +357,19 @@ class ModelRunner:
                 continue
             tok, slot = int(sampled[i]), int(h.slots[i])
             sampled_ids.append([tok])
-            if batch.slot_gen[slot] != h.gens[i]:
-                continue  # the slot was freed (and maybe reused) while the step ran
-            batch.num_pending[slot] -= 1
-            batch.append_token(slot, tok)
-            if want_lp and batch.logprobs[slot] >= 0:
+            # Logprobs even for a slot freed meanwhile: a request preempted while its token
+            # was in flight keeps that token (the scheduler appends it), so it needs them too.
+            if want_lp and h.wants_logprobs[i]:
                 top_ids, top_lp, lp, rank = (a[i] for a in host[1:])
                 logprobs[req_id] = LogprobsLists(
                     token_ids=[[tok, *top_ids.tolist()]],
                     logprobs=[[float(lp), *top_lp.tolist()]],
                     ranks=[int(rank)],
                 )
+            if batch.slot_gen[slot] != h.gens[i]:
+                continue  # the slot was freed (and maybe reused) while the step ran
+            batch.num_pending[slot] -= 1
+            batch.append_token(slot, tok)
         return ModelRunnerOutput(
             req_ids=h.req_ids, sampled_token_ids=sampled_ids, logprobs=logprobs
         )
