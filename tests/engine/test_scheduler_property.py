@@ -245,25 +245,28 @@ def run_workload(sc, cc, seed, num_requests, async_scheduling=False):
     return step, sched
 
 
-@settings(
-    max_examples=400,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(config=configs(), seed=st.integers(0, 2**32 - 1), num_requests=st.integers(1, 24))
+def _property(max_examples):
+    """Deterministic hypothesis settings; workloads vary in size, so no deadline."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+WORKLOADS = dict(config=configs(), seed=st.integers(0, 2**32 - 1), num_requests=st.integers(1, 24))
+
+
+@_property(400)
+@given(**WORKLOADS)
 def test_scheduler_invariants(config, seed, num_requests):
     sc, cc = config
     run_workload(sc, cc, seed, num_requests)
 
 
-@settings(
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(config=configs(), seed=st.integers(0, 2**32 - 1), num_requests=st.integers(1, 24))
+@_property(300)
+@given(**WORKLOADS)
 def test_scheduler_invariants_async(config, seed, num_requests):
     sc, cc = config
     run_workload(sc, cc, seed, num_requests, async_scheduling=True)
