@@ -176,6 +176,9 @@ def test_two_processes_form_one_mesh(models, results, tmp_path):
         assert r["4"]["tokens"] == want
     assert got[0]["4"]["mirrored_tokens"] == want
     assert got[1]["4"]["mirrored_tokens"] is None  # the follower only replayed steps
+    print(f"\n2 processes x 2 CPU devices, tp=4: {len(want)} prompts, tokens of prompt 0 "
+          f"{got[0]['4']['tokens'][0]} == tp=1 in one process; process 0 scheduling alone "
+          f"with process 1 replaying: identical")  # fmt: skip
 
 
 def test_replicate_kv_heads_regroups_exactly():
