@@ -30,6 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from benchmarks import e2e_report  # noqa: E402
+
 
 # ---- parts (each runs in a fresh process) ----------------------------------------------
 def part_ceilings(smoke: bool) -> dict:
@@ -279,63 +281,6 @@ def _spawn(part: str, payload: dict) -> dict:
     return {"error": f"exit {proc.returncode}: {proc.stderr[-800:]}"}
 
 
-def _num(x, spec: str = ",.0f") -> str:
-    return "" if x is None else format(x, spec)
-
-
-def _table(results: dict) -> str:
-    bw = results["ceilings"].get("copy_GBps", float("nan")) * 1e9
-    rows = ["| model | measure | jaxpaged | HF | ratio / roofline |", "|---|---|---|---|---|"]
-    for model, r in results["models"].items():
-        jp, hf = r.get("jaxpaged", {}), r.get("hf", {})
-        hf_b = hf.get("b_batch128", {}).get("output_tokens_per_s")
-        for w in ("a", "b", "c"):
-            if w not in jp:
-                continue
-            tok, idle = jp[w]["output_tokens_per_s"], jp[w]["device_idle_fraction"]
-            ref = hf_b if w == "b" else None
-            ratio = f"{tok / ref:.1f}x HF (static batch 128)" if ref else ""
-            rows.append(
-                f"| {model} | ({w}) output tok/s (device idle {idle:.0%}) | {_num(tok)} "
-                f"| {_num(ref)} | {ratio} |"
-            )
-        for key in [k for k in jp if k.startswith("d_ctx")]:
-            ms, ctx = jp[key]["per_output_token_ms"], int(key[5:])
-            floor = (jp["weight_bytes"] + jp["kv_bytes_per_token"] * ctx) / bw * 1e3
-            ref = hf.get("d_ctx512", {}).get("output_tokens_per_s") if ctx == 512 else None
-            rows.append(
-                f"| {model} | (d) ms/token, ctx {ctx} | {ms:.2f} | "
-                f"{_num(ref and 1e3 / ref, '.2f')} | {ms / floor:.2f}x floor "
-                f"({floor:.2f} ms) |"
-            )
-        if "startup_s" in jp:
-            warm = r.get("jaxpaged_warm", {}).get("startup_s")
-            rows.append(
-                f"| {model} | start-up s, cold / warm cache | {jp['startup_s']:.1f} / "
-                f"{_num(warm, '.1f')} | | {jp['num_buckets']} buckets |"
-            )
-        xla = r.get("xla", {})
-        sync = jp.get("sync", {})
-        for key, val in jp.get("decode_steps", {}).items():
-            b, ctx = (int(x) for x in key[1:].split("_ctx"))
-            floor = (jp["weight_bytes"] + jp["kv_bytes_per_token"] * b * ctx) / bw * 1e3
-            base = xla.get(key, {})
-            sy = sync.get("decode_steps", {}).get(key, {})
-            rows.append(
-                f"| {model} | decode step {key}: ms (idle {val['device_idle_fraction']:.0%}) "
-                f"| {val['ms_per_step']:.2f} | | {val['ms_per_step'] / floor:.2f}x floor "
-                f"({floor:.2f} ms); plain XLA {_num(base.get('ms_per_step'), '.2f')} ms; "
-                f"sync scheduling {_num(sy.get('ms_per_step'), '.2f')} ms |"
-            )
-        if "b" in sync:
-            rows.append(
-                f"| {model} | (b) sync scheduling: output tok/s (device idle "
-                f"{sync['b']['device_idle_fraction']:.0%}) | "
-                f"{_num(sync['b']['output_tokens_per_s'])} | | |"
-            )
-    return "\n".join(rows)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", default=None)
@@ -358,7 +303,9 @@ def main() -> None:
         return
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     skip = set(args.skip.split(","))
-    results = {"ceilings": _spawn("ceilings", {"smoke": args.smoke}), "models": {}}
+    command = "PYTHONPATH=. python3 benchmarks/e2e_gpu.py " + " ".join(sys.argv[1:])
+    results = {"ceilings": _spawn("ceilings", {"smoke": args.smoke}), "models": {},
+               "command": command.replace(args.out, "$OUT")}  # fmt: skip
     print("ceilings", results["ceilings"], flush=True)
     for model in args.models.split(","):
         cache = tempfile.mkdtemp(prefix="xla-cache-")
@@ -379,7 +326,12 @@ def main() -> None:
             print(f"{model} {name} ({time.perf_counter() - start:.0f} s):", r[name], flush=True)
             with open(os.path.join(args.out, "e2e.json"), "w") as f:  # after every part
                 json.dump(results, f, indent=2)
-    print(_table(results))
+    print(e2e_report.table(results))
+    try:
+        written = e2e_report.render(results, args.out)
+        print("report:", ", ".join(written))
+    except ImportError as e:  # no matplotlib: render later with benchmarks/e2e_report.py
+        print(f"no charts ({e}); run benchmarks/e2e_report.py on e2e.json")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+"""Tables and charts of an end-to-end GPU run (benchmarks/e2e_gpu.py), from its e2e.json.
+
+    python benchmarks/e2e_report.py e2e.json [--out DIR]
+
+e2e_gpu.py calls render() at the end of a run (matplotlib is on the GPU machine); this
+script renders a saved JSON again. Writes DIR/e2e_report.md (device, JAX version, date,
+command, table) and, per model, DIR/e2e_<model>_throughput.png (output tok/s per workload,
+jaxpaged vs HF) and DIR/e2e_<model>_decode.png (decode step time against plain XLA and the
+roofline floor at each (batch, context) point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _num(x, spec: str = ",.0f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def table(results: dict) -> str:
+    """The markdown table of one e2e run: jaxpaged, HF, plain XLA and the roofline."""
+    bw = results["ceilings"].get("copy_GBps", float("nan")) * 1e9
+    rows = ["| model | measure | jaxpaged | HF | ratio / roofline |", "|---|---|---|---|---|"]
+    for model, r in results["models"].items():
+        jp, hf = r.get("jaxpaged", {}), r.get("hf", {})
+        hf_b = hf.get("b_batch128", {}).get("output_tokens_per_s")
+        for w in ("a", "b", "c"):
+            if w not in jp:
+                continue
+            tok, idle = jp[w]["output_tokens_per_s"], jp[w]["device_idle_fraction"]
+            ref = hf_b if w == "b" else None
+            ratio = f"{tok / ref:.1f}x HF (static batch 128)" if ref else ""
+            rows.append(
+                f"| {model} | ({w}) output tok/s (device idle {idle:.0%}) | {_num(tok)} "
+                f"| {_num(ref)} | {ratio} |"
+            )
+        for key in [k for k in jp if k.startswith("d_ctx")]:
+            ms, ctx = jp[key]["per_output_token_ms"], int(key[5:])
+            floor = (jp["weight_bytes"] + jp["kv_bytes_per_token"] * ctx) / bw * 1e3
+            ref = hf.get("d_ctx512", {}).get("output_tokens_per_s") if ctx == 512 else None
+            rows.append(
+                f"| {model} | (d) ms/token, ctx {ctx} | {ms:.2f} | "
+                f"{_num(ref and 1e3 / ref, '.2f')} | {ms / floor:.2f}x floor "
+                f"({floor:.2f} ms) |"
+            )
+        if "startup_s" in jp:
+            warm = r.get("jaxpaged_warm", {}).get("startup_s")
+            rows.append(
+                f"| {model} | start-up s, cold / warm cache | {jp['startup_s']:.1f} / "
+                f"{_num(warm, '.1f')} | | {jp['num_buckets']} buckets |"
+            )
+        xla = r.get("xla", {})
+        sync = jp.get("sync", {})
+        for key, val in jp.get("decode_steps", {}).items():
+            b, ctx = (int(x) for x in key[1:].split("_ctx"))
+            floor = (jp["weight_bytes"] + jp["kv_bytes_per_token"] * b * ctx) / bw * 1e3
+            base = xla.get(key, {})
+            sy = sync.get("decode_steps", {}).get(key, {})
+            rows.append(
+                f"| {model} | decode step {key}: ms (idle {val['device_idle_fraction']:.0%}) "
+                f"| {val['ms_per_step']:.2f} | | {val['ms_per_step'] / floor:.2f}x floor "
+                f"({floor:.2f} ms); plain XLA {_num(base.get('ms_per_step'), '.2f')} ms; "
+                f"sync scheduling {_num(sy.get('ms_per_step'), '.2f')} ms |"
+            )
+        if "b" in sync:
+            rows.append(
+                f"| {model} | (b) sync scheduling: output tok/s (device idle "
+                f"{sync['b']['device_idle_fraction']:.0%}) | "
+                f"{_num(sync['b']['output_tokens_per_s'])} | | |"
+            )
+    return "\n".join(rows)
+
+
+def _decode_points(results: dict, model: str) -> list[tuple[str, float, float | None, float]]:
+    """(point, jaxpaged ms, plain XLA ms or None, floor ms) per decode-step point."""
+    bw = results["ceilings"]["copy_GBps"] * 1e9
+    r = results["models"][model]
+    jp, xla = r.get("jaxpaged", {}), r.get("xla", {})
+    out = []
+    for key, val in jp.get("decode_steps", {}).items():
+        b, ctx = (int(x) for x in key[1:].split("_ctx"))
+        floor = (jp["weight_bytes"] + jp["kv_bytes_per_token"] * b * ctx) / bw * 1e3
+        out.append((key, val["ms_per_step"], xla.get(key, {}).get("ms_per_step"), floor))
+    return out
+
+
+def render(results: dict, out_dir: str) -> list[str]:
+    """Write the report and charts; returns the paths written. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = results["ceilings"]
+    meta = (
+        f"{c.get('device', '?')}, JAX {c.get('jax', '?')}, {c.get('date', '?')}; copy "
+        f"{c['copy_GBps']:,.0f} GB/s, bf16 matmul {c['matmul_TFLOPs']:,.0f} TFLOP/s"
+    )
+    written = []
+    for model, r in results["models"].items():
+        jp, hf = r.get("jaxpaged", {}), r.get("hf", {})
+        names = [w for w in ("a", "b", "c") if w in jp]
+        if names:
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            xs = range(len(names))
+            ax.bar([x - 0.2 for x in xs], [jp[w]["output_tokens_per_s"] for w in names], 0.4,
+                   label="jaxpaged")  # fmt: skip
+            hf_b = hf.get("b_batch128", {}).get("output_tokens_per_s")
+            if hf_b and "b" in names:
+                ax.bar([names.index("b") + 0.2], [hf_b], 0.4, label="HF generate (batch 128)")
+            ax.set_xticks(list(xs), [f"({w})" for w in names])
+            ax.set_ylabel("output tokens / s")
+            ax.set_title(f"{model}: offline throughput\n{meta}", fontsize=8)
+            ax.legend()
+            fig.tight_layout()
+            path = os.path.join(out_dir, f"e2e_{model}_throughput.png")
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+        points = _decode_points(results, model)
+        if points:
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            xs = range(len(points))
+            ax.bar([x - 0.27 for x in xs], [p[1] for p in points], 0.27, label="jaxpaged")
+            ax.bar([x for x in xs], [p[2] or 0 for p in points], 0.27, label="plain XLA step")
+            ax.bar([x + 0.27 for x in xs], [p[3] for p in points], 0.27, label="roofline floor")
+            ax.set_xticks(list(xs), [p[0] for p in points], fontsize=8)
+            ax.set_ylabel("ms per decode step")
+            ax.set_title(f"{model}: decode step time\n{meta}", fontsize=8)
+            ax.legend()
+            fig.tight_layout()
+            path = os.path.join(out_dir, f"e2e_{model}_decode.png")
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+    path = os.path.join(out_dir, "e2e_report.md")
+    with open(path, "w") as f:
+        f.write(f"# End-to-end run\n\n{meta}\n\nCommand: `{results.get('command', '?')}`\n\n")
+        f.write(table(results) + "\n")
+        for p in written:
+            f.write(f"\n![{os.path.basename(p)}]({os.path.basename(p)})\n")
+    return [path, *written]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("json")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    with open(args.json) as f:
+        results = json.load(f)
+    for path in render(results, args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The end-to-end report renders the table and charts from a recorded GPU run."""
+
+import json
+import os
+
+from benchmarks import e2e_report
+
+RECORDED = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "results",
+                        "e2e_h200_qwen3_async.json")  # fmt: skip
+
+
+def test_report_from_a_recorded_run(tmp_path):
+    with open(RECORDED) as f:
+        results = json.load(f)
+    written = e2e_report.render(results, str(tmp_path))
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == ["e2e_qwen3-0.6b_decode.png", "e2e_qwen3-0.6b_throughput.png",
+                     "e2e_report.md"]  # fmt: skip
+    for p in written[1:]:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "e2e_report.md").read_text()
+    assert "NVIDIA H200" in report and "--sync-compare" in report
+    assert "4.0x HF (static batch 128)" in report  # 17,628 / 4,359 tok/s
+    # Decode B128 ctx512: 10.90 ms against a floor of (1.19 GB + KV) / 3,245 GB/s.
+    assert "| 10.90 | | 4.06x floor (2.68 ms)" in report
