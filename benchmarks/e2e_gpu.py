@@ -150,7 +150,7 @@ def _decode_steps(llm, points: dict, num_out: int) -> dict:
 
 def _set_async(llm, on: bool) -> None:
     assert llm.engine._in_flight is None
-    llm.engine.async_scheduling = llm.engine.scheduler.async_scheduling = on
+    llm.engine.scheduler.async_scheduling = on
 
 
 def part_jaxpaged(

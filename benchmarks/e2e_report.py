@@ -87,6 +87,17 @@ def _decode_points(results: dict, model: str) -> list[tuple[str, float, float | 
     return out
 
 
+def _save(fig, ax, title: str, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def render(results: dict, out_dir: str) -> list[str]:
     """Write the report and charts; returns the paths written. Needs matplotlib."""
     import matplotlib
@@ -113,13 +124,8 @@ def render(results: dict, out_dir: str) -> list[str]:
                 ax.bar([names.index("b") + 0.2], [hf_b], 0.4, label="HF generate (batch 128)")
             ax.set_xticks(list(xs), [f"({w})" for w in names])
             ax.set_ylabel("output tokens / s")
-            ax.set_title(f"{model}: offline throughput\n{meta}", fontsize=8)
-            ax.legend()
-            fig.tight_layout()
-            path = os.path.join(out_dir, f"e2e_{model}_throughput.png")
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(fig, ax, f"{model}: offline throughput\n{meta}",
+                                 os.path.join(out_dir, f"e2e_{model}_throughput.png")))  # fmt: skip
         points = _decode_points(results, model)
         if points:
             fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -129,13 +135,8 @@ def render(results: dict, out_dir: str) -> list[str]:
             ax.bar([x + 0.27 for x in xs], [p[3] for p in points], 0.27, label="roofline floor")
             ax.set_xticks(list(xs), [p[0] for p in points], fontsize=8)
             ax.set_ylabel("ms per decode step")
-            ax.set_title(f"{model}: decode step time\n{meta}", fontsize=8)
-            ax.legend()
-            fig.tight_layout()
-            path = os.path.join(out_dir, f"e2e_{model}_decode.png")
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(fig, ax, f"{model}: decode step time\n{meta}",
+                                 os.path.join(out_dir, f"e2e_{model}_decode.png")))  # fmt: skip
     path = os.path.join(out_dir, "e2e_report.md")
     with open(path, "w") as f:
         f.write(f"# End-to-end run\n\n{meta}\n\nCommand: `{results.get('command', '?')}`\n\n")

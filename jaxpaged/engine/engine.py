@@ -59,9 +59,12 @@ class Engine:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight = None
         """(SchedulerOutput, runner handle) of the dispatched step not read yet (async)."""
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self.scheduler.async_scheduling
 
     @property
     def max_model_len(self) -> int:

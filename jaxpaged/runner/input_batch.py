@@ -148,7 +148,7 @@ class InputBatch:
         # A position past the host's tokens holds the slot's token still on the device.
         token_ids = np.where(pos < self.num_tokens[tok_slot], self.token_ids[tok_slot, pos], -1)
         return HostStep(
-            token_ids=_pad(token_ids.astype(np.int32), pad_t),
+            token_ids=_pad(token_ids.astype(np.int32, copy=False), pad_t),
             positions=_pad(pos, pad_t),
             slot_mapping=_pad(slot_mapping, pad_t),
             # Padding tokens belong to the last (padding or real) row; their output is unused.

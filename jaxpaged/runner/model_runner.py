@@ -74,6 +74,13 @@ def _to_inputs(hs: HostStep, decode_only: bool, want_logprobs: bool) -> StepInpu
     )
 
 
+def _fetched(out, want_logprobs: bool) -> tuple:
+    """The sampler outputs the host reads: the ids, and the logprob arrays if asked."""
+    if not want_logprobs:
+        return (out.sampled,)
+    return (out.sampled, out.top_ids, out.top_logprobs, out.sampled_logprob, out.sampled_rank)
+
+
 @dataclass
 class StepHandle:
     """A dispatched step whose results the host has not read yet."""
@@ -84,7 +91,6 @@ class StepHandle:
     sample_mask: np.ndarray | None = None
     wants_logprobs: np.ndarray | None = None  # per row, at dispatch
     out: object = None  # SamplerOutput on device
-    want_logprobs: bool = False
 
 
 class ModelRunner:
@@ -158,11 +164,12 @@ class ModelRunner:
         hs = self.input_batch.prepare(*(np.zeros(0, np.int32),) * 3, key[0], key[1])
         layout = self._layout(key)
         inputs = self._put_inputs(pack(_to_inputs(hs, key[2], True), layout))
-        step = self._cached(("profile", *key), inputs)
+        cache_key = self._cache_key(("profile", *key), inputs)
+        step = self._load(cache_key)
         if step is None:
             step, fresh = compile_fresh(self._step.lower(*self._state(), inputs, layout=layout))
             if fresh:
-                self._store(("profile", *key), inputs, step)
+                self._store(cache_key, step)
         self.kv_caches, self.penalty_state, self.last_tokens, out = step(*self._state(), inputs)
         jax.block_until_ready(out)
         stats = jax.devices()[0].memory_stats() or {}
@@ -218,17 +225,15 @@ class ModelRunner:
         )))  # fmt: skip
         return self.executable_cache.key(description, (self._state(), inputs))
 
-    def _cached(self, bucket, inputs) -> jax.stages.Compiled | None:
-        key = self._cache_key(bucket, inputs)
-        if key is None:
+    def _load(self, cache_key: str | None) -> jax.stages.Compiled | None:
+        if cache_key is None:
             return None
         devices = [jax.devices()[0]] if self.shardings is None else self.shardings.mesh.devices
-        return self.executable_cache.load(key, list(np.ravel(devices)))
+        return self.executable_cache.load(cache_key, list(np.ravel(devices)))
 
-    def _store(self, bucket, inputs, compiled) -> None:
-        key = self._cache_key(bucket, inputs)
-        if key is not None:
-            self.executable_cache.store(key, compiled)
+    def _store(self, cache_key: str | None, compiled) -> None:
+        if cache_key is not None:
+            self.executable_cache.store(cache_key, compiled)
 
     def compile_all(self, show_progress: bool = True) -> float:
         """Compile every bucket; returns seconds taken. Buckets in the executable cache are
@@ -237,9 +242,10 @@ class ModelRunner:
         start = time.perf_counter()
         keys = self.buckets.all_keys()
         abstract = {key: self._abstract_inputs(*key) for key in keys}
+        cache_keys = {key: self._cache_key(key, abstract[key]) for key in keys}
         workers = max(2, (os.cpu_count() or 4) // 2)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            found = pool.map(lambda k: self._cached(k, abstract[k]), keys)
+            found = pool.map(lambda k: self._load(cache_keys[k]), keys)
             loaded = dict(zip(keys, found, strict=True))
         todo = [key for key in keys if loaded[key] is None]
         self._compiled.update({k: v for k, v in loaded.items() if v is not None})
@@ -260,7 +266,7 @@ class ModelRunner:
         compiled_s = time.perf_counter() - start - loaded_s - traced_s
         for key in todo:
             if fresh[key]:
-                self._store(key, abstract[key], self._compiled[key])
+                self._store(cache_keys[key], self._compiled[key])
         self._init_row_compiled = self._init_row.lower(
             self.penalty_state, np.int32(0), np.zeros(self.max_model_len, np.int32), np.int32(0)
         ).compile()
@@ -321,32 +327,27 @@ class ModelRunner:
         start_arr = np.fromiter((starts[r] for r in req_ids), np.int32, len(req_ids))
         key = self.buckets.select(int(counts.sum()), len(req_ids), bool((counts == 1).all()))
         hs = batch.prepare(slots, start_arr, counts, key[0], key[1])
-        want_lp = bool((batch.logprobs[slots] >= 0).any())
+        wants_logprobs = batch.logprobs[slots] >= 0
+        want_lp = bool(wants_logprobs.any())
         inputs = self._put_inputs(pack(_to_inputs(hs, key[2], want_lp), self._layout(key)))
         self.kv_caches, self.penalty_state, self.last_tokens, out = self._compiled[key](
             *self._state(), inputs
         )
         sample_mask = hs.sampling["sample_mask"][: len(req_ids)]
         batch.num_pending[slots[sample_mask]] += 1
-        fetch = [out.sampled]
-        if want_lp:
-            fetch += [out.top_ids, out.top_logprobs, out.sampled_logprob, out.sampled_rank]
-        for a in fetch:
+        for a in _fetched(out, want_lp):
             a.copy_to_host_async()  # lands as soon as the step ends
         return StepHandle(
             req_ids=req_ids, slots=slots, gens=batch.slot_gen[slots].copy(),
-            sample_mask=sample_mask, wants_logprobs=batch.logprobs[slots] >= 0, out=out,
-            want_logprobs=want_lp,
+            sample_mask=sample_mask, wants_logprobs=wants_logprobs, out=out,
         )  # fmt: skip
 
     def collect(self, h: StepHandle) -> ModelRunnerOutput:
         """Wait for a dispatched step and read its sampled tokens (and logprobs)."""
         if not h.req_ids:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        out, want_lp = h.out, h.want_logprobs
-        fetch = (out.sampled,) + ((out.top_ids, out.top_logprobs, out.sampled_logprob,
-                                   out.sampled_rank) if want_lp else ())  # fmt: skip
-        host = jax.device_get(fetch)
+        want_lp = bool(h.wants_logprobs.any())
+        host = jax.device_get(_fetched(h.out, want_lp))
         sampled = host[0]
         sampled_ids: list[list[int]] = []
         logprobs: dict[str, LogprobsLists] = {}

@@ -14,8 +14,8 @@ Keys are deleted once read: when the leader's step n returns from the device, ev
 follower has joined its collectives, so has read step n (and every key before it). Under
 async scheduling the leader dispatches step n+1 before it reads step n; the followers run
 each step synchronously, which gives the same inputs (the token the leader feeds on device
-is on their host already). Steps without device work (only
-diffs) stay until the next step that has some.
+is on their host already). Steps without device work (only diffs) stay until the next step
+that has some.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class MirroredRunner:
         self.runner = runner
         self.client = _client()
         self.step = 0
-        self.pending: list[str] = []
+        self.pending: list[tuple[int, str]] = []
+        """(step number, key) of published steps not known to be read by every follower."""
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -55,7 +56,7 @@ class MirroredRunner:
     def _publish(self, payload: bytes) -> None:
         key = f"{_PREFIX}{self.step}"
         self.client.key_value_set_bytes(key, payload)
-        self.pending.append(key)
+        self.pending.append((self.step, key))
         self.step += 1
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -71,10 +72,9 @@ class MirroredRunner:
         if has_work:
             # This step's device work synchronised every process, so each has read every
             # key up to it; a step dispatched after it (async scheduling) may not be read yet.
-            done = [k for k in self.pending if int(k.rsplit("/", 1)[1]) < num_published]
-            for key in done:
+            for _, key in [p for p in self.pending if p[0] < num_published]:
                 self.client.key_value_delete(key)
-                self.pending.remove(key)
+            self.pending = [p for p in self.pending if p[0] >= num_published]
         return out
 
     def stop(self) -> None:
