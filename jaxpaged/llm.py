@@ -91,6 +91,7 @@ class LLM:
         attention_backend: str | None = None,
         enable_chunked_prefill: bool = True,
         async_scheduling: bool = True,
+        stable_buffers: bool | None = None,
         show_progress: bool = True,
         tensor_parallel_size: int = 1,
         distributed_coordinator: str | None = None,
@@ -137,6 +138,7 @@ class LLM:
             num_blocks=num_kv_blocks or min_blocks, block_size=block_size,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            stable_buffers=not on_cpu if stable_buffers is None else stable_buffers,
         )  # fmt: skip
         num_blocks = num_kv_blocks
         if num_blocks is None:

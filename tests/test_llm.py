@@ -270,3 +270,38 @@ def test_idle_engine_settles_the_step_in_flight_after_an_abort(tight_llm):
     assert engine._in_flight is None and not engine.scheduler._scheduled
     engine.step()  # tells the runner to drop the slot
     assert "idle-abort" not in tight_llm.model_runner.input_batch.slot_of
+
+
+def test_stable_buffers_give_the_same_outputs_at_fixed_device_addresses(tight_llm, hf_model_dir):
+    """stable_buffers stages every step's inputs and outputs through persistent per-bucket
+    buffers (so XLA can replay its CUDA graphs): same tokens and logprobs, and the buffers
+    keep their device addresses from step to step."""
+    stable = _llm(hf_model_dir[0], num_kv_blocks=18, stable_buffers=True)
+    runner = stable.model_runner
+    assert runner.stable_buffers and not tight_llm.model_runner.stable_buffers
+    prompts = _prompts(9, [3, 70, 12, 41, 5, 96, 27, 8])
+    params = [
+        SamplingParams(temperature=[0.0, 0.9][i % 2], seed=7 + i, max_tokens=12 + i,
+                       logprobs=3 if i % 3 == 0 else None)
+        for i in range(len(prompts))
+    ]  # fmt: skip
+    want = tight_llm.generate(prompts, params, use_tqdm=False)
+    got = stable.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(got, want, strict=True):
+        ca, cb = a.outputs[0], b.outputs[0]
+        assert ca.token_ids == cb.token_ids, a.request_id
+        if cb.logprobs is not None:
+            for la, lb in zip(ca.logprobs, cb.logprobs, strict=True):
+                assert la.keys() == lb.keys()
+                for tok in la:
+                    assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=1e-5)
+                    assert la[tok].rank == lb[tok].rank
+    used = set(runner._in_bufs)
+    assert used and used <= set(runner._out_bufs) and len(used) > 1  # decode and mixed
+    pointers = {k: (runner._in_bufs[k].unsafe_buffer_pointer(),
+                    runner._out_bufs[k].unsafe_buffer_pointer()) for k in used}  # fmt: skip
+    stable.generate(prompts, params, use_tqdm=False)
+    for k in used:
+        now = (runner._in_bufs[k].unsafe_buffer_pointer(),
+               runner._out_bufs[k].unsafe_buffer_pointer())  # fmt: skip
+        assert now == pointers[k], f"bucket {k} moved"

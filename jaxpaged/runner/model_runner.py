@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -38,8 +38,22 @@ from jaxpaged.models.llama import build_model
 from jaxpaged.runner.buckets import Buckets
 from jaxpaged.runner.executable_cache import ExecutableCache, compile_fresh, describe_backend
 from jaxpaged.runner.input_batch import HostStep, InputBatch
-from jaxpaged.runner.packing import PackLayout, pack, unpack
-from jaxpaged.runner.sampler import PenaltyState, SamplingTensors, init_penalty_row, sample
+from jaxpaged.runner.packing import (
+    PackLayout,
+    leading_words,
+    pack,
+    pack_traced,
+    unpack,
+    unpack_host,
+)
+from jaxpaged.runner.sampler import (
+    PenaltyState,
+    SamplerOutput,
+    SamplingTensors,
+    init_penalty_row,
+    sample,
+)
+from jaxpaged.sampling_params import MAX_LOGPROBS
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +95,31 @@ def _fetched(out, want_logprobs: bool) -> tuple:
     return (out.sampled, out.top_ids, out.top_logprobs, out.sampled_logprob, out.sampled_rank)
 
 
+def _out_layout(num_reqs: int) -> PackLayout:
+    """The packed SamplerOutput of a bucket with `num_reqs` rows (`sampled` first)."""
+    row, top = np.zeros(num_reqs, np.int32), np.zeros((num_reqs, MAX_LOGPROBS), np.int32)
+    f32 = np.float32
+    return PackLayout.of(SamplerOutput(
+        sampled=row, sampled_logprob=row.astype(f32), sampled_rank=row,
+        top_ids=top, top_logprobs=top.astype(f32),
+    ))  # fmt: skip
+
+
+def _log_failure(future: Future) -> None:
+    if future.exception() is not None:
+        logger.error("penalty state update failed", exc_info=future.exception())
+
+
+def _write_into(buf, data):
+    """buf (donated) <- data: the result lives at buf's device address."""
+    return jax.lax.dynamic_update_slice(buf, data, (0,))
+
+
+def _head_copy(buf, n: int):
+    """A fresh copy of buf[:n] (never buf itself, which the next step donates)."""
+    return jnp.copy(buf[:n])
+
+
 @dataclass
 class StepHandle:
     """A dispatched step whose results the host has not read yet."""
@@ -90,7 +129,8 @@ class StepHandle:
     gens: np.ndarray | None = None  # slot generations at dispatch
     sample_mask: np.ndarray | None = None
     wants_logprobs: np.ndarray | None = None  # per row, at dispatch
-    out: object = None  # SamplerOutput on device
+    out: Future | None = None  # -> the device arrays to fetch (_run_step)
+    num_rows: int = 0  # the bucket's request rows
 
 
 class ModelRunner:
@@ -107,6 +147,8 @@ class ModelRunner:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         mesh_shardings=None,
+        stable_buffers: bool = False,
+        launch_thread: bool | None = None,
     ) -> None:
         self.config = model_config
         self.params = params
@@ -131,10 +173,31 @@ class ModelRunner:
             self.penalty_state, self.last_tokens = jax.device_put(
                 (self.penalty_state, self.last_tokens), mesh_shardings.replicated
             )
+        # Stable buffers: every buffer the step reads or writes keeps its device address
+        # from step to step (inputs staged into a donated per-bucket buffer, outputs written
+        # into another), so that XLA replays the step's CUDA graphs (command buffers) without
+        # re-recording them, which it does whenever an address they use changed. Single
+        # device only.
+        self.stable_buffers = stable_buffers and mesh_shardings is None
+        self._in_bufs: dict[tuple[int, int, bool], jax.Array] = {}
+        self._out_bufs: dict[tuple[int, int, bool], jax.Array] = {}
+        # The launcher thread makes the executable calls, in order: a call holds its thread
+        # while XLA:GPU enqueues the step's ~15 kernels per layer (~5.6 ms for the 8B shape
+        # on an H200 host, docs/benchmarks.md), so the engine's own host work (scheduling,
+        # input preparation, reading results) overlaps it on the calling thread.
+        if launch_thread is None:
+            launch_thread = os.environ.get("JAXPAGED_LAUNCH_THREAD", "1") != "0"
+        self._launcher = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxpaged-launch")
+            if launch_thread
+            else None
+        )
+        self._stage = jax.jit(_write_into, donate_argnums=0)
+        self._head_copy = jax.jit(_head_copy, static_argnums=1)
         self._step = jax.jit(
             self._step_fn,
-            donate_argnames=("kv_caches", "penalty_state", "last_tokens"),
-            static_argnames=("layout",),
+            donate_argnames=("kv_caches", "penalty_state", "last_tokens", "out_buf"),
+            static_argnames=("layout", "out_layout"),
         )
         self._layouts: dict[tuple[int, int, bool], PackLayout] = {}
         self._init_row = jax.jit(init_penalty_row, donate_argnames=("state",))
@@ -164,14 +227,18 @@ class ModelRunner:
         hs = self.input_batch.prepare(*(np.zeros(0, np.int32),) * 3, key[0], key[1])
         layout = self._layout(key)
         inputs = self._put_inputs(pack(_to_inputs(hs, key[2], True), layout))
-        cache_key = self._cache_key(("profile", *key), inputs)
+        args = (inputs, *self._out_arg(key))
+        cache_key = self._cache_key(("profile", *key), args)
         step = self._load(cache_key)
         if step is None:
-            step, fresh = compile_fresh(self._step.lower(*self._state(), inputs, layout=layout))
+            step, fresh = compile_fresh(
+                self._step.lower(*self._state(), *args, **self._statics(key))
+            )
             if fresh:
                 self._store(cache_key, step)
-        self.kv_caches, self.penalty_state, self.last_tokens, out = step(*self._state(), inputs)
+        self.kv_caches, self.penalty_state, self.last_tokens, out = step(*self._state(), *args)
         jax.block_until_ready(out)
+        self._out_bufs.pop(key, None)  # donated
         stats = jax.devices()[0].memory_stats() or {}
         return int(stats.get("peak_bytes_in_use", 0))
 
@@ -179,7 +246,10 @@ class ModelRunner:
     def _state(self):
         return self.params, self.kv_caches, self.penalty_state, self.last_tokens
 
-    def _step_fn(self, params, kv_caches, penalty_state, last_tokens, packed, layout):
+    def _step_fn(
+        self, params, kv_caches, penalty_state, last_tokens, packed, out_buf=None, *,
+        layout, out_layout=None,
+    ):  # fmt: skip
         inputs: StepInputs = unpack(packed, layout)
         st = inputs.sampling
         # Id -1: the token its slot sampled in the previous step, not yet seen by the host.
@@ -201,6 +271,8 @@ class ModelRunner:
             penalty_state, last_tokens, out = jax.lax.with_sharding_constraint(
                 (penalty_state, last_tokens, out), self.shardings.replicated
             )
+        if out_buf is not None:
+            out = _write_into(out_buf, pack_traced(out, out_layout))
         return kv_caches, penalty_state, last_tokens, out
 
     def _layout(self, key: tuple[int, int, bool]) -> PackLayout:
@@ -211,9 +283,37 @@ class ModelRunner:
             self._layouts[key] = PackLayout.of(_to_inputs(hs, key[2], False))
         return self._layouts[key]
 
-    def _abstract_inputs(self, num_tokens: int, num_reqs: int, decode_only: bool):
-        size = self._layout((num_tokens, num_reqs, decode_only)).size
-        return jax.ShapeDtypeStruct((size,), np.int32, sharding=self._input_sharding())
+    def _abstract_inputs(self, key: tuple[int, int, bool]) -> tuple:
+        """The step's arguments after the state, as shapes: the packed inputs, and the
+        output buffer if stable_buffers."""
+        size = self._layout(key).size
+        packed = jax.ShapeDtypeStruct((size,), np.int32, sharding=self._input_sharding())
+        if not self.stable_buffers:
+            return (packed,)
+        return packed, jax.ShapeDtypeStruct((_out_layout(key[1]).size,), np.int32)
+
+    def _statics(self, key: tuple[int, int, bool]) -> dict:
+        out_layout = _out_layout(key[1]) if self.stable_buffers else None
+        return {"layout": self._layout(key), "out_layout": out_layout}
+
+    def _out_arg(self, key: tuple[int, int, bool]) -> tuple:
+        """() or (this bucket's persistent output buffer,), made on first use."""
+        if not self.stable_buffers:
+            return ()
+        if key not in self._out_bufs:
+            self._out_bufs[key] = jnp.zeros(_out_layout(key[1]).size, jnp.int32)
+        return (self._out_bufs[key],)
+
+    def _stage_inputs(self, key: tuple[int, int, bool], packed: np.ndarray) -> jax.Array:
+        """The packed inputs on the device; with stable_buffers, written into the bucket's
+        persistent input buffer (donated, so the result keeps its address)."""
+        if not self.stable_buffers:
+            return self._put_inputs(packed)
+        buf = self._in_bufs.get(key)
+        if buf is None:
+            buf = jnp.zeros(packed.size, jnp.int32)
+        self._in_bufs[key] = self._stage(buf, packed)
+        return self._in_bufs[key]
 
     def _cache_key(self, bucket, inputs) -> str | None:
         if self.executable_cache is None:
@@ -241,7 +341,7 @@ class ModelRunner:
         parallel threads, then stored."""
         start = time.perf_counter()
         keys = self.buckets.all_keys()
-        abstract = {key: self._abstract_inputs(*key) for key in keys}
+        abstract = {key: self._abstract_inputs(key) for key in keys}
         cache_keys = {key: self._cache_key(key, abstract[key]) for key in keys}
         workers = max(2, (os.cpu_count() or 4) // 2)
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -251,7 +351,7 @@ class ModelRunner:
         self._compiled.update({k: v for k, v in loaded.items() if v is not None})
         loaded_s = time.perf_counter() - start
         lowered = {
-            key: self._step.lower(*self._state(), abstract[key], layout=self._layout(key))
+            key: self._step.lower(*self._state(), *abstract[key], **self._statics(key))
             for key in todo
         }
         traced_s = time.perf_counter() - start - loaded_s
@@ -307,9 +407,24 @@ class ModelRunner:
     def _init_penalties(self, slot: int, token_ids: list[int], num_prompt: int) -> None:
         padded = np.full(self.max_model_len, -1, np.int32)
         padded[: len(token_ids)] = token_ids
-        self.penalty_state = self._init_row_compiled(
-            self.penalty_state, np.int32(slot), padded, np.int32(num_prompt)
-        )
+
+        def init_row():
+            self.penalty_state = self._init_row_compiled(
+                self.penalty_state, np.int32(slot), padded, np.int32(num_prompt)
+            )
+
+        self._launch(init_row).add_done_callback(_log_failure)
+
+    def _launch(self, fn) -> Future:
+        """Run fn, which calls an executable on the device state, on the launcher thread
+        (in submission order), or here without one. The state arrays (KV pool, penalty
+        state, last_tokens, stable buffers) are only touched by launched functions while
+        the engine runs."""
+        if self._launcher is None:
+            future = Future()
+            future.set_result(fn())
+            return future
+        return self._launcher.submit(fn)
 
     # ---- execute ----------------------------------------------------------------------
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -329,25 +444,40 @@ class ModelRunner:
         hs = batch.prepare(slots, start_arr, counts, key[0], key[1])
         wants_logprobs = batch.logprobs[slots] >= 0
         want_lp = bool(wants_logprobs.any())
-        inputs = self._put_inputs(pack(_to_inputs(hs, key[2], want_lp), self._layout(key)))
-        self.kv_caches, self.penalty_state, self.last_tokens, out = self._compiled[key](
-            *self._state(), inputs
-        )
+        packed = pack(_to_inputs(hs, key[2], want_lp), self._layout(key))
+        out = self._launch(lambda: self._run_step(key, packed, want_lp))
         sample_mask = hs.sampling["sample_mask"][: len(req_ids)]
         batch.num_pending[slots[sample_mask]] += 1
-        for a in _fetched(out, want_lp):
-            a.copy_to_host_async()  # lands as soon as the step ends
         return StepHandle(
             req_ids=req_ids, slots=slots, gens=batch.slot_gen[slots].copy(),
-            sample_mask=sample_mask, wants_logprobs=wants_logprobs, out=out,
+            sample_mask=sample_mask, wants_logprobs=wants_logprobs, out=out, num_rows=key[1],
         )  # fmt: skip
+
+    def _run_step(self, key: tuple[int, int, bool], packed: np.ndarray, want_lp: bool):
+        """Enqueue bucket `key`'s step on the device state; returns what the host fetches."""
+        inputs = self._stage_inputs(key, packed)
+        self.kv_caches, self.penalty_state, self.last_tokens, out = self._compiled[key](
+            *self._state(), inputs, *self._out_arg(key)
+        )
+        if self.stable_buffers:
+            self._out_bufs[key] = out
+            out = self._head_copy(out, leading_words(_out_layout(key[1]), 5 if want_lp else 1))
+        fetched = (out,) if self.stable_buffers else _fetched(out, want_lp)
+        for a in fetched:
+            a.copy_to_host_async()  # lands as soon as the step ends
+        return fetched
 
     def collect(self, h: StepHandle) -> ModelRunnerOutput:
         """Wait for a dispatched step and read its sampled tokens (and logprobs)."""
         if not h.req_ids:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         want_lp = bool(h.wants_logprobs.any())
-        host = jax.device_get(_fetched(h.out, want_lp))
+        fetched = jax.device_get(h.out.result())
+        if self.stable_buffers:
+            o = unpack_host(fetched[0], _out_layout(h.num_rows))
+            host = (o[0], o[3], o[4], o[1], o[2]) if want_lp else (o[0],)
+        else:
+            host = fetched
         sampled = host[0]
         sampled_ids: list[list[int]] = []
         logprobs: dict[str, LogprobsLists] = {}

@@ -6,8 +6,13 @@ one by one, they cost ~0.9 ms of host time per step on an H200 host, one packed 
 is static per bucket: the host packs by it and the jitted step unpacks by it, so unpacking
 is free slicing and bitcasts inside the compiled step.
 
-    pack(tree, layout)   numpy leaves -> int32[layout.size]       (host)
-    unpack(buf, layout)  int32[layout.size] -> the same pytree    (inside jit)
+    pack(tree, layout)         numpy leaves -> int32[layout.size]       (host)
+    unpack(buf, layout)        int32[layout.size] -> the same pytree    (inside jit)
+    pack_traced(tree, layout)  jax leaves -> int32[layout.size]         (inside jit)
+    unpack_host(buf, layout)   numpy int32[:n] -> the leaves that fit   (host)
+
+The step's outputs go the other way with pack_traced / unpack_host when the runner keeps
+them in one persistent buffer (ModelRunner(stable_buffers=True)).
 
 Leaves may be int32, uint32, float32 (bitcast) or bool (0/1). Every leaf starts at a
 256-byte boundary: XLA may hand a kernel a slice of the buffer without copying it, and Mosaic
@@ -80,3 +85,35 @@ def unpack(buf: jax.Array, layout: PackLayout):
             x = jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
         leaves.append(x)
     return jax.tree.unflatten(layout.treedef, leaves)
+
+
+def pack_traced(tree, layout: PackLayout) -> jax.Array:
+    """pack() inside jit: the leaves of `tree` (jax arrays) -> int32[layout.size]."""
+    parts = []
+    for x, (shape, dtype) in zip(jax.tree.leaves(tree), layout.specs, strict=True):
+        flat = x.reshape(math.prod(shape))
+        if dtype == _BOOL:
+            flat = flat.astype(jnp.int32)
+        elif dtype != np.int32:
+            flat = jax.lax.bitcast_convert_type(flat.astype(dtype), jnp.int32)
+        parts += [flat.astype(jnp.int32), jnp.zeros(_aligned(flat.size) - flat.size, jnp.int32)]
+    return jnp.concatenate(parts) if parts else jnp.zeros(0, jnp.int32)
+
+
+def unpack_host(buf: np.ndarray, layout: PackLayout) -> list[np.ndarray]:
+    """The leading leaves of a packed buffer, on the host: as many as `buf` holds whole
+    (a buffer cut after the first leaf gives just that leaf)."""
+    leaves, offset = [], 0
+    for shape, dtype in layout.specs:
+        n = math.prod(shape)
+        if offset + n > buf.size:
+            break
+        x = buf[offset : offset + n].reshape(shape)
+        leaves.append(x != 0 if dtype == _BOOL else x.view(dtype))
+        offset += _aligned(n)
+    return leaves
+
+
+def leading_words(layout: PackLayout, num_leaves: int) -> int:
+    """Words of a packed buffer that hold its first `num_leaves` leaves."""
+    return sum(_aligned(math.prod(shape)) for shape, _ in layout.specs[:num_leaves])
