@@ -70,41 +70,39 @@ def _time(fn, iters: int) -> float:
 
 @contextlib.contextmanager
 def _idle_probe(llm):
-    """Record, per compiled step call, when the host dispatched it and when the device
-    finished it (a waiter thread blocks on each step's output in order, so the probe does not
-    serialise async scheduling). The original executables are put back on exit."""
+    """Record, per step, when the host began enqueueing it and when the device finished it (a
+    waiter thread blocks on each step's fetched outputs in order, so the probe does not
+    serialise async scheduling). The runner's step launcher is put back on exit."""
     import queue
     import threading
 
     import jax
 
     runner = llm.model_runner
-    original = runner._compiled
     marks = []  # (dispatched, finished, bucket key)
     pending: queue.Queue = queue.Queue()
 
     def wait():
         while (item := pending.get()) is not None:
-            t0, outputs, key = item
-            jax.block_until_ready(outputs)
+            t0, fetched, key = item
+            jax.block_until_ready(fetched)
             marks.append((t0, time.perf_counter(), key))
 
-    def wrap(exe, key):
-        def call(*args):
-            t0 = time.perf_counter()
-            out = exe(*args)
-            pending.put((t0, out[-1], key))  # the sampler's outputs (or their buffer)
-            return out
+    run_step = runner._run_step
 
-        return call
+    def probed(key, *args):
+        t0 = time.perf_counter()
+        fetched = run_step(key, *args)  # fresh arrays, never donated to a later step
+        pending.put((t0, fetched, key))
+        return fetched
 
     waiter = threading.Thread(target=wait, daemon=True)
     waiter.start()
-    runner._compiled = {k: wrap(v, k) for k, v in original.items()}
+    runner._run_step = probed
     try:
         yield marks
     finally:
-        runner._compiled = original
+        del runner._run_step  # back to the method
         pending.put(None)
         waiter.join()
 

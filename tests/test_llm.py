@@ -6,6 +6,8 @@ cache compiles each bucket once.
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -305,3 +307,38 @@ def test_stable_buffers_give_the_same_outputs_at_fixed_device_addresses(tight_ll
         now = (runner._in_bufs[k].unsafe_buffer_pointer(),
                runner._out_bufs[k].unsafe_buffer_pointer())  # fmt: skip
         assert now == pointers[k], f"bucket {k} moved"
+
+
+def test_launcher_thread_makes_every_device_call_and_changes_no_token(
+    tight_llm, hf_model_dir, monkeypatch
+):
+    """The runner's launcher thread makes the step (and penalty-row) calls in order; without
+    it (JAXPAGED_LAUNCH_THREAD=0) the calling thread makes them: same tokens either way."""
+    monkeypatch.setenv("JAXPAGED_LAUNCH_THREAD", "0")
+    plain = _llm(hf_model_dir[0], num_kv_blocks=18)
+    runner = tight_llm.model_runner
+    assert plain.model_runner._launcher is None and runner._launcher is not None
+    threads = set()
+    original = runner._compiled
+
+    def recording(exe):
+        def call(*args):
+            threads.add(threading.current_thread().name)
+            return exe(*args)
+
+        return call
+
+    prompts = _prompts(11, [30, 4, 65, 17, 9])
+    params = [
+        SamplingParams(temperature=0.8, seed=i, max_tokens=15, repetition_penalty=1.4,
+                       frequency_penalty=0.3 if i % 2 else 0.0)
+        for i in range(len(prompts))
+    ]  # fmt: skip
+    runner._compiled = {k: recording(v) for k, v in original.items()}
+    try:
+        got = tight_llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        runner._compiled = original
+    want = plain.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert threads and all(name.startswith("jaxpaged-launch") for name in threads), threads

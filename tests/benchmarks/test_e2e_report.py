@@ -24,3 +24,14 @@ def test_report_from_a_recorded_run(tmp_path):
     assert "4.0x HF (static batch 128)" in report  # 17,628 / 4,359 tok/s
     # Decode B128 ctx512: 10.90 ms against a floor of (1.19 GB + KV) / 3,245 GB/s.
     assert "| 10.90 | | 4.06x floor (2.68 ms)" in report
+
+
+def test_report_of_the_8b_run_with_its_baselines(tmp_path):
+    """The Llama-3-8B run: jaxpaged and the HF / plain-XLA baselines of the same device call."""
+    with open(RECORDED.replace("e2e_h200_qwen3_async", "e2e_h200_llama3_8b_run2_merged")) as f:
+        results = json.load(f)
+    e2e_report.render(results, str(tmp_path))
+    report = (tmp_path / "e2e_report.md").read_text()
+    assert "3.3x HF (static batch 128)" in report  # 10,696 / 3,259 tok/s
+    # B128 ctx512: 13.64 ms, floor (16.06 GB + 128 x 512 x 128 KiB) / 3,291 GB/s = 7.49 ms.
+    assert "| 13.64 | | 1.82x floor (7.49 ms); plain XLA 17.83 ms" in report
