@@ -28,7 +28,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,47 +80,13 @@ def micro(stable: bool, smoke: bool) -> dict:
 
 
 def engine(stable: bool, layers: int, smoke: bool) -> dict:
-    from jaxpaged.llm import LLM
-    from jaxpaged.models.loader import PRESETS
-    from jaxpaged.sampling_params import SamplingParams
+    from benchmarks.dispatch_blocking import one_stream, small_8b_engine
 
-    cfg = dict(PRESETS["llama3-8b"], num_hidden_layers=layers)
-    if smoke:
-        cfg.update(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, vocab_size=512)  # fmt: skip
-    path = tempfile.mkdtemp()
-    with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump(cfg, fh)
-    llm = LLM(path, load_format="dummy", show_progress=False, dtype="bfloat16",
-              max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=64,
-              num_kv_blocks=256 if smoke else None, stable_buffers=stable)  # fmt: skip
-    runner = llm.model_runner
-    calls: list[float] = []
+    def mark():
+        sys.stderr.write(MARK + "\n")
+        sys.stderr.flush()
 
-    def wrap(exe):
-        def call(*args):
-            c0 = time.perf_counter()
-            out = exe(*args)
-            calls.append(time.perf_counter() - c0)
-            return out
-
-        return call
-
-    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
-    first = llm.generate([[1] * 100], params, use_tqdm=False)
-    runner._compiled = {k: wrap(v) for k, v in runner._compiled.items()}
-    sys.stderr.write(MARK + "\n")
-    sys.stderr.flush()
-    t0 = time.perf_counter()
-    again = llm.generate([[1] * 100], params, use_tqdm=False)
-    wall = time.perf_counter() - t0
-    calls = calls[8:]
-    return {
-        "call_return_ms": 1e3 * sum(calls) / len(calls),
-        "wall_per_token_ms": wall / 64e-3,
-        "same_tokens_twice": first[0].outputs[0].token_ids == again[0].outputs[0].token_ids,
-        "first_tokens": list(first[0].outputs[0].token_ids[:8]),
-    }
+    return one_stream(small_8b_engine(layers, smoke, stable_buffers=stable), mark)
 
 
 def graph_log(stderr: str) -> dict:

@@ -5,4 +5,6 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The runner's launcher thread is a GPU default; the tests run the GPU's code path.
+os.environ.setdefault("JAXPAGED_LAUNCH_THREAD", "1")
 os.environ.setdefault("JAXPAGED_COMPILATION_CACHE", tempfile.mkdtemp(prefix="jaxpaged-test-xla-"))

@@ -185,8 +185,10 @@ class ModelRunner:
         # while XLA:GPU enqueues the step's ~15 kernels per layer (~5.6 ms for the 8B shape
         # on an H200 host, docs/benchmarks.md), so the engine's own host work (scheduling,
         # input preparation, reading results) overlaps it on the calling thread.
+        # On by default on GPU; on a CPU backend the extra thread only competes for cores.
         if launch_thread is None:
-            launch_thread = os.environ.get("JAXPAGED_LAUNCH_THREAD", "1") != "0"
+            env = os.environ.get("JAXPAGED_LAUNCH_THREAD")
+            launch_thread = env != "0" if env else jax.default_backend() != "cpu"
         self._launcher = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxpaged-launch")
             if launch_thread
