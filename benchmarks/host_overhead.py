@@ -11,6 +11,9 @@
 3. With --dump-ops: XLA's optimised HLO of the step is dumped and the top-level
    instructions of its entry computation (each one a kernel launch, a library call or a
    copy for the XLA:GPU runtime) are counted by kind, per step and per layer.
+With the runner's launcher thread (the GPU default), "dispatch" is the engine thread's part
+(diffs, input build, hand-off); "_stage_inputs" (the transfer) and "executable_call" run on
+the launcher thread, and "collect" includes waiting for the call to return.
 Results: $OUT/host_overhead.json, and a summary printed.
 """
 
@@ -92,7 +95,7 @@ def engine_stages(llm, async_on: bool, num_tokens: int) -> dict:
     times = defaultdict(list)
     with contextlib.ExitStack() as stack:
         for obj, name in [(engine.scheduler, "schedule"), (runner, "dispatch"),
-                          (runner, "collect"), (runner, "_put_inputs"), (engine, "_update"),
+                          (runner, "collect"), (runner, "_stage_inputs"), (engine, "_update"),
                           (runner.input_batch, "prepare")]:  # fmt: skip
             stack.enter_context(timed(obj, name, times))
         marks = stack.enter_context(_idle_probe(llm))

@@ -288,7 +288,17 @@ def test_stable_buffers_give_the_same_outputs_at_fixed_device_addresses(tight_ll
         for i in range(len(prompts))
     ]  # fmt: skip
     want = tight_llm.generate(prompts, params, use_tqdm=False)
-    got = stable.generate(prompts, params, use_tqdm=False)
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        got = stable.generate(prompts, params, use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
     for a, b in zip(got, want, strict=True):
         ca, cb = a.outputs[0], b.outputs[0]
         assert ca.token_ids == cb.token_ids, a.request_id
@@ -298,8 +308,11 @@ def test_stable_buffers_give_the_same_outputs_at_fixed_device_addresses(tight_ll
                 for tok in la:
                     assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=1e-5)
                     assert la[tok].rank == lb[tok].rank
-    used = set(runner._in_bufs)
-    assert used and used <= set(runner._out_bufs) and len(used) > 1  # decode and mixed
+        else:
+            assert ca.logprobs is None
+    assert compiles == [], "stable buffers compiled during generate"
+    used = set(runner._in_bufs)  # every bucket's, made at start-up
+    assert used == set(runner._out_bufs) == set(runner._compiled)
     pointers = {k: (runner._in_bufs[k].unsafe_buffer_pointer(),
                     runner._out_bufs[k].unsafe_buffer_pointer()) for k in used}  # fmt: skip
     stable.generate(prompts, params, use_tqdm=False)
@@ -335,10 +348,29 @@ def test_launcher_thread_makes_every_device_call_and_changes_no_token(
         for i in range(len(prompts))
     ]  # fmt: skip
     runner._compiled = {k: recording(v) for k, v in original.items()}
+    init_row = runner._init_row_compiled
+    runner._init_row_compiled = recording(init_row)  # the penalty-row resets
     try:
         got = tight_llm.generate(prompts, params, use_tqdm=False)
     finally:
-        runner._compiled = original
+        runner._compiled, runner._init_row_compiled = original, init_row
     want = plain.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert threads and all(name.startswith("jaxpaged-launch") for name in threads), threads
+
+
+def test_a_failed_penalty_reset_on_the_launcher_thread_fails_the_next_step(hf_model_dir):
+    """A penalty-row reset runs on the launcher thread, where nobody waits for it: if it
+    fails, the next step must raise instead of sampling with the slot's stale statistics."""
+    llm = _llm(hf_model_dir[0], num_kv_blocks=18)
+    runner = llm.model_runner
+    assert runner._launcher is not None
+
+    def broken(*args):
+        raise ValueError("reset broke")
+
+    runner._init_row_compiled = broken
+    params = SamplingParams(max_tokens=4, repetition_penalty=1.3)
+    with pytest.raises(RuntimeError, match="penalty state") as info:
+        llm.generate([[3, 4, 5]], params, use_tqdm=False)
+    assert isinstance(info.value.__cause__, ValueError)

@@ -105,11 +105,6 @@ def _out_layout(num_reqs: int) -> PackLayout:
     ))  # fmt: skip
 
 
-def _log_failure(future: Future) -> None:
-    if future.exception() is not None:
-        logger.error("penalty state update failed", exc_info=future.exception())
-
-
 def _write_into(buf, data):
     """buf (donated) <- data: the result lives at buf's device address."""
     return jax.lax.dynamic_update_slice(buf, data, (0,))
@@ -194,6 +189,7 @@ class ModelRunner:
             if launch_thread
             else None
         )
+        self._launch_error: Exception | None = None  # of a launched non-step call
         self._stage = jax.jit(_write_into, donate_argnums=0)
         self._head_copy = jax.jit(_head_copy, static_argnums=1)
         self._step = jax.jit(
@@ -303,8 +299,24 @@ class ModelRunner:
         if not self.stable_buffers:
             return ()
         if key not in self._out_bufs:
-            self._out_bufs[key] = jnp.zeros(_out_layout(key[1]).size, jnp.int32)
+            self._out_bufs[key] = self._device_zeros(_out_layout(key[1]).size)
         return (self._out_bufs[key],)
+
+    @staticmethod
+    def _device_zeros(size: int) -> jax.Array:
+        """int32 zeros committed to the device, as the step's outputs are: the small jits'
+        compiled versions are cached per argument commitment, so warm-up must match."""
+        return jax.device_put(np.zeros(size, np.int32), jax.devices()[0])
+
+    def _warm_stable_buffers(self, keys) -> None:
+        """Make every bucket's persistent buffers and compile the small jits that stage and
+        copy them (they would otherwise compile on a bucket's first step)."""
+        for key in keys:
+            size = self._layout(key).size
+            self._stage_inputs(key, np.zeros(size, np.int32))
+            (out_buf,) = self._out_arg(key)
+            for num_leaves in (1, 5):
+                self._head_copy(out_buf, leading_words(_out_layout(key[1]), num_leaves))
 
     def _stage_inputs(self, key: tuple[int, int, bool], packed: np.ndarray) -> jax.Array:
         """The packed inputs on the device; with stable_buffers, written into the bucket's
@@ -313,7 +325,7 @@ class ModelRunner:
             return self._put_inputs(packed)
         buf = self._in_bufs.get(key)
         if buf is None:
-            buf = jnp.zeros(packed.size, jnp.int32)
+            buf = self._device_zeros(packed.size)
         self._in_bufs[key] = self._stage(buf, packed)
         return self._in_bufs[key]
 
@@ -369,6 +381,8 @@ class ModelRunner:
         for key in todo:
             if fresh[key]:
                 self._store(cache_keys[key], self._compiled[key])
+        if self.stable_buffers:
+            self._warm_stable_buffers(keys)
         self._init_row_compiled = self._init_row.lower(
             self.penalty_state, np.int32(0), np.zeros(self.max_model_len, np.int32), np.int32(0)
         ).compile()
@@ -411,11 +425,15 @@ class ModelRunner:
         padded[: len(token_ids)] = token_ids
 
         def init_row():
-            self.penalty_state = self._init_row_compiled(
-                self.penalty_state, np.int32(slot), padded, np.int32(num_prompt)
-            )
+            try:
+                self.penalty_state = self._init_row_compiled(
+                    self.penalty_state, np.int32(slot), padded, np.int32(num_prompt)
+                )
+            except Exception as e:  # raised again by the next step (_run_step)
+                self._launch_error = e
+                raise
 
-        self._launch(init_row).add_done_callback(_log_failure)
+        self._launch(init_row)
 
     def _launch(self, fn) -> Future:
         """Run fn, which calls an executable on the device state, on the launcher thread
@@ -457,6 +475,8 @@ class ModelRunner:
 
     def _run_step(self, key: tuple[int, int, bool], packed: np.ndarray, want_lp: bool):
         """Enqueue bucket `key`'s step on the device state; returns what the host fetches."""
+        if self._launch_error is not None:
+            raise RuntimeError("resetting a slot's penalty state failed") from self._launch_error
         inputs = self._stage_inputs(key, packed)
         self.kv_caches, self.penalty_state, self.last_tokens, out = self._compiled[key](
             *self._state(), inputs, *self._out_arg(key)
