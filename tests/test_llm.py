@@ -6,6 +6,7 @@ cache compiles each bucket once.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import jax
@@ -137,7 +138,9 @@ def test_pool_smaller_than_one_sequence_fails_at_start(hf_model_dir):
         _llm(hf_model_dir[0], num_kv_blocks=10)
 
 
-def test_steady_state_never_compiles(tight_llm):
+@contextlib.contextmanager
+def _backend_compiles():
+    """The list of backend compilations made inside the block."""
     compiles = []
 
     def listener(event, duration, **kwargs):
@@ -146,6 +149,13 @@ def test_steady_state_never_compiles(tight_llm):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_steady_state_never_compiles(tight_llm):
+    with _backend_compiles() as compiles:
         rng = np.random.default_rng(4)
         prompts = [rng.integers(0, VOCAB, int(n)).tolist() for n in rng.integers(1, 120, 200)]
         temps = rng.choice([0.0, 0.8], 200)
@@ -161,8 +171,6 @@ def test_steady_state_never_compiles(tight_llm):
             for i in range(200)
         ]
         outs = tight_llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert len(outs) == 200
     assert compiles == [], f"{len(compiles)} compilations after warm-up"
 
@@ -288,17 +296,8 @@ def test_stable_buffers_give_the_same_outputs_at_fixed_device_addresses(tight_ll
         for i in range(len(prompts))
     ]  # fmt: skip
     want = tight_llm.generate(prompts, params, use_tqdm=False)
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with _backend_compiles() as compiles:
         got = stable.generate(prompts, params, use_tqdm=False)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     for a, b in zip(got, want, strict=True):
         ca, cb = a.outputs[0], b.outputs[0]
         assert ca.token_ids == cb.token_ids, a.request_id
