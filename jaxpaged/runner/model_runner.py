@@ -19,6 +19,7 @@ the host does not wait for step k before it enqueues step k+1.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -95,6 +96,7 @@ def _fetched(out, want_logprobs: bool) -> tuple:
     return (out.sampled, out.top_ids, out.top_logprobs, out.sampled_logprob, out.sampled_rank)
 
 
+@functools.cache
 def _out_layout(num_reqs: int) -> PackLayout:
     """The packed SamplerOutput of a bucket with `num_reqs` rows (`sampled` first)."""
     row, top = np.zeros(num_reqs, np.int32), np.zeros((num_reqs, MAX_LOGPROBS), np.int32)
@@ -496,8 +498,13 @@ class ModelRunner:
         want_lp = bool(h.wants_logprobs.any())
         fetched = jax.device_get(h.out.result())
         if self.stable_buffers:
-            o = unpack_host(fetched[0], _out_layout(h.num_rows))
-            host = (o[0], o[3], o[4], o[1], o[2]) if want_lp else (o[0],)
+            layout = _out_layout(h.num_rows)
+            leaves = unpack_host(fetched[0], layout)  # all of them, or just `sampled`
+            host = (
+                _fetched(jax.tree.unflatten(layout.treedef, leaves), True)
+                if want_lp
+                else (leaves[0],)
+            )
         else:
             host = fetched
         sampled = host[0]
