@@ -92,11 +92,11 @@ def pack_traced(tree, layout: PackLayout) -> jax.Array:
     parts = []
     for x, (shape, dtype) in zip(jax.tree.leaves(tree), layout.specs, strict=True):
         flat = x.reshape(math.prod(shape))
-        if dtype == _BOOL:
+        if dtype in (_BOOL, np.int32):
             flat = flat.astype(jnp.int32)
-        elif dtype != np.int32:
+        else:
             flat = jax.lax.bitcast_convert_type(flat.astype(dtype), jnp.int32)
-        parts += [flat.astype(jnp.int32), jnp.zeros(_aligned(flat.size) - flat.size, jnp.int32)]
+        parts += [flat, jnp.zeros(_aligned(flat.size) - flat.size, jnp.int32)]
     return jnp.concatenate(parts) if parts else jnp.zeros(0, jnp.int32)
 
 

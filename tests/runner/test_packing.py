@@ -4,7 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpaged.runner.packing import PackLayout, pack, unpack
+from jaxpaged.runner.packing import (
+    PackLayout,
+    leading_words,
+    pack,
+    pack_traced,
+    unpack,
+    unpack_host,
+)
 
 
 def _tree(rng):
@@ -41,3 +48,16 @@ def test_pack_rejects_leaves_that_do_not_match_the_layout():
         pack(dict(tree, ids=tree["ids"][:6]), layout)
     with pytest.raises(TypeError, match="cannot pack a leaf of dtype float64"):
         PackLayout.of({"x": np.zeros(2)})
+
+
+def test_outputs_packed_inside_jit_unpack_on_the_host_bit_exact():
+    rng = np.random.default_rng(1)
+    tree = _tree(rng)
+    layout = PackLayout.of(tree)
+    buf = np.asarray(jax.jit(lambda t: pack_traced(t, layout))(tree))
+    assert buf.shape == (layout.size,) and np.array_equal(buf, pack(tree, layout))
+    leaves = unpack_host(buf, layout)
+    for got, want in zip(leaves, jax.tree.leaves(tree), strict=True):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    # Cut after the first leaves: just those come back.
+    assert len(unpack_host(buf[: leading_words(layout, 2)], layout)) == 2
