@@ -128,7 +128,7 @@ def count_entry_ops(dump_dir: str) -> dict:
     import re
 
     out = {}
-    for path in sorted(glob.glob(os.path.join(dump_dir, "*_step_fn*after_optimizations.txt"))):
+    for path in sorted(glob.glob(os.path.join(dump_dir, "*_forward_fn*after_optimizations.txt"))):
         text = open(path).read()
         entry = text[text.index("\nENTRY ") :]
         entry = entry[: entry.index("\n}\n")]
@@ -151,7 +151,7 @@ def main() -> None:
     if args.dump_ops:  # before jax initialises its backend
         dump_dir = "/tmp/jaxpaged_hlo_dump"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}"
-                                   " --xla_dump_hlo_module_re=.*_step_fn.*")  # fmt: skip
+                                   " --xla_dump_hlo_module_re=.*_forward_fn.*")  # fmt: skip
     from jaxpaged.llm import LLM
 
     res = {"micro": micro(args.smoke)}

@@ -72,14 +72,21 @@ def make_step(c):
     return jax.jit(step, donate_argnums=(1,))
 
 
-def measure(model: str, smoke: bool = False, iters: int = 20) -> dict:
+def model_config(model: str, smoke: bool = False):
+    """The preset's config; with `smoke`, the same family at toy size (runs on CPU)."""
     c = config_from_preset(model)
-    points = POINTS
     if smoke:
         from dataclasses import replace
 
         c = replace(c, num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4,
                     num_kv_heads=2, head_dim=16, vocab_size=256)  # fmt: skip
+    return c
+
+
+def measure(model: str, smoke: bool = False, iters: int = 20) -> dict:
+    c = model_config(model, smoke)
+    points = POINTS
+    if smoke:
         points, iters = {"B2_ctx64": (2, 64)}, 3
     dtype = jnp.bfloat16
     params = _params(c, jax.random.key(0), dtype)

@@ -4,12 +4,16 @@
                     ─► device_put (one transfer) ─► compiled step for the bucket
                     ─► sampled ids (+ logprobs if asked) back to host ─► ModelRunnerOutput
 
-The step is ONE jitted function, `step(params, kv_caches, penalty_state, last_tokens,
-packed)`, compiled ahead of time for every (tokens, requests) bucket at start-up; the KV pool,
-the penalty state and `last_tokens` (each slot's last sampled id) are donated, so they are
-updated in place. A step whose shape has no bucket is a bug, not a reason to compile in the
-serving loop. `packed` is the step's StepInputs packed into one int32 buffer (one
-host-to-device transfer; runner/packing.py), unpacked inside the step.
+A step is two executables, compiled ahead of time for every (tokens, requests) bucket at
+start-up: `forward(params, kv_caches, last_tokens, packed) -> (kv_caches, logits)` and
+`sample(logits, penalty_state, last_tokens, packed) -> (penalty_state, last_tokens, out)`,
+the sampler once per SamplerMode (runner/sampler.py: the host picks whether the sort for
+top-k/top-p and the top logprobs are compiled in, so the step holds no lax.cond, which
+XLA:GPU would run by waiting on the host for the device). The KV pool, the penalty state and
+`last_tokens` (each slot's last sampled id) are donated, so they are updated in place. A
+step whose shape has no bucket is a bug, not a reason to compile in the serving loop.
+`packed` is the step's StepInputs packed into one int32 buffer (one host-to-device transfer;
+runner/packing.py), unpacked inside both.
 
 `execute_model(so)` is `collect(dispatch(so))`. Under async scheduling the engine calls
 `dispatch(so_k+1)` before `collect(step k)`: dispatch only enqueues device work, and a token
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,7 +53,9 @@ from jaxpaged.runner.packing import (
     unpack_host,
 )
 from jaxpaged.runner.sampler import (
+    ALL_MODES,
     PenaltyState,
+    SamplerMode,
     SamplerOutput,
     SamplingTensors,
     init_penalty_row,
@@ -67,10 +74,9 @@ class StepInputs:
     md: AttentionMetadata
     logits_indices: jax.Array  # i32[R]
     sampling: SamplingTensors
-    want_logprobs: jax.Array  # bool[]
 
 
-def _to_inputs(hs: HostStep, decode_only: bool, want_logprobs: bool) -> StepInputs:
+def _to_inputs(hs: HostStep, decode_only: bool) -> StepInputs:
     md = AttentionMetadata(
         slot_mapping=hs.slot_mapping,
         query_start_loc=hs.query_start_loc,
@@ -85,7 +91,6 @@ def _to_inputs(hs: HostStep, decode_only: bool, want_logprobs: bool) -> StepInpu
         md=md,
         logits_indices=hs.logits_indices,
         sampling=SamplingTensors(**hs.sampling),
-        want_logprobs=np.asarray(want_logprobs),
     )
 
 
@@ -94,6 +99,9 @@ def _fetched(out, want_logprobs: bool) -> tuple:
     if not want_logprobs:
         return (out.sampled,)
     return (out.sampled, out.top_ids, out.top_logprobs, out.sampled_logprob, out.sampled_rank)
+
+
+_SWITCH_INTERVAL_S = 0.0002  # the GIL switch interval with a launcher thread
 
 
 @functools.cache
@@ -166,10 +174,12 @@ class ModelRunner:
             jnp.zeros((max_num_seqs + 1, v), jnp.int32), jnp.zeros((max_num_seqs + 1, v), bool)
         )
         self.last_tokens = jnp.zeros(max_num_seqs + 1, jnp.int32)
-        if mesh_shardings is not None:
-            self.penalty_state, self.last_tokens = jax.device_put(
-                (self.penalty_state, self.last_tokens), mesh_shardings.replicated
-            )
+        # Committed, as every step output is: the small jits' compiled versions are cached
+        # per argument commitment (_device_zeros).
+        self.penalty_state, self.last_tokens = jax.device_put(
+            (self.penalty_state, self.last_tokens),
+            jax.devices()[0] if mesh_shardings is None else mesh_shardings.replicated,
+        )
         # Stable buffers: every buffer the step reads or writes keeps its device address
         # from step to step (inputs staged into a donated per-bucket buffer, outputs written
         # into another), so that XLA replays the step's CUDA graphs (command buffers) without
@@ -191,17 +201,26 @@ class ModelRunner:
             if launch_thread
             else None
         )
+        if launch_thread and sys.getswitchinterval() > _SWITCH_INTERVAL_S:
+            # The launcher needs the GIL back after each call; with Python's default 5 ms
+            # switch interval it waited up to that long behind the scheduler's Python work
+            # (a staging call took 5.7 ms at batch 128, docs/benchmarks.md). Process-wide.
+            sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self._launch_error: Exception | None = None  # of a launched non-step call
         self._stage = jax.jit(_write_into, donate_argnums=0)
         self._head_copy = jax.jit(_head_copy, static_argnums=1)
-        self._step = jax.jit(
-            self._step_fn,
-            donate_argnames=("kv_caches", "penalty_state", "last_tokens", "out_buf"),
-            static_argnames=("layout", "out_layout"),
+        self._forward = jax.jit(
+            self._forward_fn, donate_argnames=("kv_caches",), static_argnames=("layout",)
+        )
+        self._sample = jax.jit(
+            self._sample_fn,
+            donate_argnames=("penalty_state", "last_tokens", "out_buf"),
+            static_argnames=("layout", "mode", "out_layout"),
         )
         self._layouts: dict[tuple[int, int, bool], PackLayout] = {}
         self._init_row = jax.jit(init_penalty_row, donate_argnames=("state",))
-        self._compiled: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
+        self._compiled: dict[tuple[int, int, bool], jax.stages.Compiled] = {}  # forward
+        self._samplers: dict[tuple[tuple[int, int, bool], SamplerMode], jax.stages.Compiled] = {}
         self.executable_cache = ExecutableCache.from_env()
         self.compile_stats: dict[str, float] = {}
 
@@ -220,36 +239,39 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv(num_blocks)
         self.num_blocks = num_blocks
         self._compiled.clear()
+        self._samplers.clear()
 
     def profile_peak_bytes(self) -> int:
-        """Run the largest bucket once (all padding) and return the device's peak bytes."""
-        key = max(self.buckets.all_keys())
+        """Run the largest bucket once (all padding, the sampler with every part compiled
+        in) and return the device's peak bytes."""
+        key, mode = max(self.buckets.all_keys()), SamplerMode(filters=True, logprobs=True)
         hs = self.input_batch.prepare(*(np.zeros(0, np.int32),) * 3, key[0], key[1])
-        layout = self._layout(key)
-        inputs = self._put_inputs(pack(_to_inputs(hs, key[2], True), layout))
-        args = (inputs, *self._out_arg(key))
-        cache_key = self._cache_key(("profile", *key), args)
-        step = self._load(cache_key)
-        if step is None:
-            step, fresh = compile_fresh(
-                self._step.lower(*self._state(), *args, **self._statics(key))
-            )
-            if fresh:
-                self._store(cache_key, step)
-        self.kv_caches, self.penalty_state, self.last_tokens, out = step(*self._state(), *args)
+        inputs = self._put_inputs(pack(_to_inputs(hs, key[2]), self._layout(key)))
+        forward = self._compile_cached(("profile", key), self._forward, *self._forward_args(key))
+        sampler = self._compile_cached(
+            ("profile", key, mode), self._sample, *self._sample_args(key, mode)
+        )
+        self.kv_caches, logits = forward(self.params, self.kv_caches, self.last_tokens, inputs)
+        self.penalty_state, self.last_tokens, out = sampler(
+            logits, self.penalty_state, self.last_tokens, inputs, *self._out_arg(key)
+        )
         jax.block_until_ready(out)
         self._out_bufs.pop(key, None)  # donated
         stats = jax.devices()[0].memory_stats() or {}
         return int(stats.get("peak_bytes_in_use", 0))
 
-    # ---- the step ---------------------------------------------------------------------
-    def _state(self):
-        return self.params, self.kv_caches, self.penalty_state, self.last_tokens
+    def _compile_cached(self, name, fn, args, statics) -> jax.stages.Compiled:
+        """fn lowered with args and compiled, or loaded from the executable cache."""
+        cache_key = self._cache_key(name, args)
+        compiled = self._load(cache_key)
+        if compiled is None:
+            compiled, fresh = compile_fresh(fn.lower(*args, **statics))
+            if fresh:
+                self._store(cache_key, compiled)
+        return compiled
 
-    def _step_fn(
-        self, params, kv_caches, penalty_state, last_tokens, packed, out_buf=None, *,
-        layout, out_layout=None,
-    ):  # fmt: skip
+    # ---- the step ---------------------------------------------------------------------
+    def _forward_fn(self, params, kv_caches, last_tokens, packed, *, layout):
         inputs: StepInputs = unpack(packed, layout)
         st = inputs.sampling
         # Id -1: the token its slot sampled in the previous step, not yet seen by the host.
@@ -259,42 +281,69 @@ class ModelRunner:
             {"params": params}, token_ids, inputs.positions, kv_caches, inputs.md,
             inputs.logits_indices,
         )  # fmt: skip
-        out, penalty_state = sample(logits, st, penalty_state, inputs.want_logprobs)
+        if self.shardings is not None:
+            # Pin the layouts: the pool stays split (so donation is in place) and the logits
+            # are replicated, as the sampler executable takes them.
+            kv_caches = jax.lax.with_sharding_constraint(kv_caches, self.shardings.kv_cache)
+            logits = jax.lax.with_sharding_constraint(logits, self.shardings.replicated)
+        return kv_caches, logits
+
+    def _sample_fn(
+        self, logits, penalty_state, last_tokens, packed, out_buf=None, *, layout, mode,
+        out_layout=None,
+    ):  # fmt: skip
+        st = unpack(packed, layout).sampling
+        out, penalty_state = sample(logits, st, penalty_state, mode)
         # Real rows have distinct slots; padding rows all write the spare slot.
         last_tokens = last_tokens.at[st.slots].set(
             jnp.where(st.sample_mask, out.sampled, last_tokens[st.slots])
         )
         if self.shardings is not None:
-            # Pin the layouts: the pool stays split (so donation is in place) and what the
-            # host fetches is replicated (every process can read it).
-            kv_caches = jax.lax.with_sharding_constraint(kv_caches, self.shardings.kv_cache)
+            # What the host fetches is replicated (every process can read it).
             penalty_state, last_tokens, out = jax.lax.with_sharding_constraint(
                 (penalty_state, last_tokens, out), self.shardings.replicated
             )
         if out_buf is not None:
             out = _write_into(out_buf, pack_traced(out, out_layout))
-        return kv_caches, penalty_state, last_tokens, out
+        return penalty_state, last_tokens, out
 
     def _layout(self, key: tuple[int, int, bool]) -> PackLayout:
         """How bucket `key`'s StepInputs are packed into one int32 buffer."""
         if key not in self._layouts:
             empty = np.zeros(0, np.int32)
             hs = self.input_batch.prepare(empty, empty, empty, key[0], key[1])
-            self._layouts[key] = PackLayout.of(_to_inputs(hs, key[2], False))
+            self._layouts[key] = PackLayout.of(_to_inputs(hs, key[2]))
         return self._layouts[key]
 
-    def _abstract_inputs(self, key: tuple[int, int, bool]) -> tuple:
-        """The step's arguments after the state, as shapes: the packed inputs, and the
-        output buffer if stable_buffers."""
+    def _packed_shape(self, key: tuple[int, int, bool]) -> jax.ShapeDtypeStruct:
         size = self._layout(key).size
-        packed = jax.ShapeDtypeStruct((size,), np.int32, sharding=self._input_sharding())
-        if not self.stable_buffers:
-            return (packed,)
-        return packed, jax.ShapeDtypeStruct((_out_layout(key[1]).size,), np.int32)
+        return jax.ShapeDtypeStruct((size,), np.int32, sharding=self._input_sharding())
 
-    def _statics(self, key: tuple[int, int, bool]) -> dict:
-        out_layout = _out_layout(key[1]) if self.stable_buffers else None
-        return {"layout": self._layout(key), "out_layout": out_layout}
+    def _forward_args(self, key: tuple[int, int, bool]) -> tuple[tuple, dict]:
+        """(arguments, static arguments) to lower bucket `key`'s forward with."""
+        args = (self.params, self.kv_caches, self.last_tokens, self._packed_shape(key))
+        return args, {"layout": self._layout(key)}
+
+    def _sample_args(self, key: tuple[int, int, bool], mode: SamplerMode) -> tuple[tuple, dict]:
+        """(arguments, static arguments) to lower bucket `key`'s sampler in `mode` with."""
+        r, v = key[1], self.config.vocab_size
+        logits = jax.ShapeDtypeStruct((r, v), jnp.float32, sharding=self._input_sharding())
+        args = (logits, self.penalty_state, self.last_tokens, self._packed_shape(key))
+        out_layout = None
+        if self.stable_buffers:
+            out_layout = _out_layout(r)
+            args += (jax.ShapeDtypeStruct((out_layout.size,), np.int32),)
+        return args, {"layout": self._layout(key), "mode": mode, "out_layout": out_layout}
+
+    def _executables(self) -> dict:
+        """Every executable compile_all makes: name -> (jit, arguments, static arguments).
+        A name is a bucket key (its forward) or (bucket key, SamplerMode)."""
+        out = {}
+        for key in self.buckets.all_keys():
+            out[key] = (self._forward, *self._forward_args(key))
+            for mode in ALL_MODES:
+                out[key, mode] = (self._sample, *self._sample_args(key, mode))
+        return out
 
     def _out_arg(self, key: tuple[int, int, bool]) -> tuple:
         """() or (this bucket's persistent output buffer,), made on first use."""
@@ -331,7 +380,7 @@ class ModelRunner:
         self._in_bufs[key] = self._stage(buf, packed)
         return self._in_bufs[key]
 
-    def _cache_key(self, bucket, inputs) -> str | None:
+    def _cache_key(self, bucket, args) -> str | None:
         if self.executable_cache is None:
             return None
         description = "\n".join(map(str, (
@@ -339,7 +388,7 @@ class ModelRunner:
             self.max_model_len, self.buckets, bucket, os.environ.get("XLA_FLAGS", ""),
             sorted((k, repr(v)) for k, v in jax.config.values.items()),
         )))  # fmt: skip
-        return self.executable_cache.key(description, (self._state(), inputs))
+        return self.executable_cache.key(description, args)
 
     def _load(self, cache_key: str | None) -> jax.stages.Compiled | None:
         if cache_key is None:
@@ -352,37 +401,43 @@ class ModelRunner:
             self.executable_cache.store(cache_key, compiled)
 
     def compile_all(self, show_progress: bool = True) -> float:
-        """Compile every bucket; returns seconds taken. Buckets in the executable cache are
-        loaded; the others are traced in sequence (Flax is not thread-safe) and compiled in
-        parallel threads, then stored."""
+        """Compile every bucket's forward and samplers; returns seconds taken. Those in the
+        executable cache are loaded; the others are traced in sequence (Flax is not
+        thread-safe) and compiled in parallel threads, then stored."""
         start = time.perf_counter()
-        keys = self.buckets.all_keys()
-        abstract = {key: self._abstract_inputs(key) for key in keys}
-        cache_keys = {key: self._cache_key(key, abstract[key]) for key in keys}
+        todo_all = self._executables()
+        names = list(todo_all)
+        cache_keys = {name: self._cache_key(name, todo_all[name][1]) for name in names}
         workers = max(2, (os.cpu_count() or 4) // 2)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            found = pool.map(lambda k: self._load(cache_keys[k]), keys)
-            loaded = dict(zip(keys, found, strict=True))
-        todo = [key for key in keys if loaded[key] is None]
-        self._compiled.update({k: v for k, v in loaded.items() if v is not None})
+            found = pool.map(lambda n: self._load(cache_keys[n]), names)
+            loaded = dict(zip(names, found, strict=True))
+        todo = [name for name in names if loaded[name] is None]
+        compiled = {n: v for n, v in loaded.items() if v is not None}
         loaded_s = time.perf_counter() - start
-        lowered = {
-            key: self._step.lower(*self._state(), *abstract[key], **self._statics(key))
-            for key in todo
-        }
+        lowered = {}
+        for name in todo:
+            fn, args, statics = todo_all[name]
+            lowered[name] = fn.lower(*args, **statics)
         traced_s = time.perf_counter() - start - loaded_s
         bar = tqdm(total=len(todo), desc="Compiling step buckets", disable=not show_progress)
         fresh = {}
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {key: pool.submit(compile_fresh, low) for key, low in lowered.items()}
-            for key, fut in futures.items():
-                self._compiled[key], fresh[key] = fut.result()
+            futures = {name: pool.submit(compile_fresh, low) for name, low in lowered.items()}
+            for name, fut in futures.items():
+                compiled[name], fresh[name] = fut.result()
                 bar.update(1)
         bar.close()
         compiled_s = time.perf_counter() - start - loaded_s - traced_s
-        for key in todo:
-            if fresh[key]:
-                self._store(cache_keys[key], self._compiled[key])
+        for name in todo:
+            if fresh[name]:
+                self._store(cache_keys[name], compiled[name])
+        for name, exe in compiled.items():
+            if isinstance(name[-1], SamplerMode):
+                self._samplers[name] = exe
+            else:
+                self._compiled[name] = exe
+        keys = self.buckets.all_keys()
         if self.stable_buffers:
             self._warm_stable_buffers(keys)
         self._init_row_compiled = self._init_row.lower(
@@ -390,7 +445,10 @@ class ModelRunner:
         ).compile()
         total = time.perf_counter() - start
         self.compile_stats = {
-            "buckets_loaded": len(keys) - len(todo), "buckets_compiled": len(todo),
+            "buckets": len(keys), "executables": len(names),
+            "buckets_loaded": sum(loaded[k] is not None for k in keys),
+            "buckets_compiled": sum(loaded[k] is None for k in keys),
+            "executables_loaded": len(names) - len(todo), "executables_compiled": len(todo),
             "load_s": loaded_s, "trace_s": traced_s, "compile_s": compiled_s,
             "total_s": total,
         }  # fmt: skip
@@ -466,8 +524,10 @@ class ModelRunner:
         hs = batch.prepare(slots, start_arr, counts, key[0], key[1])
         wants_logprobs = batch.logprobs[slots] >= 0
         want_lp = bool(wants_logprobs.any())
-        packed = pack(_to_inputs(hs, key[2], want_lp), self._layout(key))
-        out = self._launch(lambda: self._run_step(key, packed, want_lp))
+        sp = hs.sampling
+        mode = SamplerMode.for_rows(sp["top_k"], sp["top_p"], sp["min_p"], want_lp)
+        packed = pack(_to_inputs(hs, key[2]), self._layout(key))
+        out = self._launch(lambda: self._run_step(key, mode, packed))
         sample_mask = hs.sampling["sample_mask"][: len(req_ids)]
         batch.num_pending[slots[sample_mask]] += 1
         return StepHandle(
@@ -475,18 +535,22 @@ class ModelRunner:
             sample_mask=sample_mask, wants_logprobs=wants_logprobs, out=out, num_rows=key[1],
         )  # fmt: skip
 
-    def _run_step(self, key: tuple[int, int, bool], packed: np.ndarray, want_lp: bool):
+    def _run_step(self, key: tuple[int, int, bool], mode: SamplerMode, packed: np.ndarray):
         """Enqueue bucket `key`'s step on the device state; returns what the host fetches."""
         if self._launch_error is not None:
             raise RuntimeError("resetting a slot's penalty state failed") from self._launch_error
         inputs = self._stage_inputs(key, packed)
-        self.kv_caches, self.penalty_state, self.last_tokens, out = self._compiled[key](
-            *self._state(), inputs, *self._out_arg(key)
+        self.kv_caches, logits = self._compiled[key](
+            self.params, self.kv_caches, self.last_tokens, inputs
+        )
+        self.penalty_state, self.last_tokens, out = self._samplers[key, mode](
+            logits, self.penalty_state, self.last_tokens, inputs, *self._out_arg(key)
         )
         if self.stable_buffers:
             self._out_bufs[key] = out
-            out = self._head_copy(out, leading_words(_out_layout(key[1]), 5 if want_lp else 1))
-        fetched = (out,) if self.stable_buffers else _fetched(out, want_lp)
+            n = leading_words(_out_layout(key[1]), 5 if mode.logprobs else 1)
+            out = self._head_copy(out, n)
+        fetched = (out,) if self.stable_buffers else _fetched(out, mode.logprobs)
         for a in fetched:
             a.copy_to_host_async()  # lands as soon as the step ends
         return fetched

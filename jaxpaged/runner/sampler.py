@@ -8,8 +8,14 @@
 
 Randomness is per request: the noise is a hash of (seed, position of the new token, token
 id), so a request's samples do not depend on its batch-mates or on the bucket it landed in.
-The expensive parts (sort for top-k/p, noise, penalties, top logprobs) sit behind
-`lax.cond`, so a greedy batch pays only for an argmax.
+
+No `lax.cond`: XLA:GPU runs a conditional by copying its predicate to the host and waiting
+for the device there, which held the host for most of every step (4.1 of 5.7 ms at batch 1
+on the 8B shape, docs/benchmarks.md), so it could never enqueue the next step early. The two
+expensive parts, the sort behind top-k/top-p/min-p and the top logprobs, are compiled in or
+out by a static `SamplerMode` that the host picks from the batch's sampling parameters;
+penalties, logit bias and the Gumbel noise are elementwise over [R, V] and always run
+(penalties of 0, 0 and 1 leave the logits exactly as they were).
 """
 
 from __future__ import annotations
@@ -22,6 +28,23 @@ import jax.numpy as jnp
 from jaxpaged.sampling_params import MAX_LOGPROBS
 
 _NEG_INF = -jnp.inf
+
+
+@dataclass(frozen=True)
+class SamplerMode:
+    """What a step's sampler is compiled with (a static argument)."""
+
+    filters: bool = False  # some row has top_k, top_p or min_p set: sort the logits
+    logprobs: bool = False  # some row asked for logprobs: top-k of the log-softmax
+
+    @classmethod
+    def for_rows(cls, top_k, top_p, min_p, want_logprobs: bool) -> SamplerMode:
+        """The mode that row arrays top_k, top_p, min_p (numpy) need."""
+        filters = bool(((top_k > 0) | (top_p < 1) | (min_p > 0)).any())
+        return cls(filters=filters, logprobs=bool(want_logprobs))
+
+
+ALL_MODES = tuple(SamplerMode(f, lp) for f in (False, True) for lp in (False, True))
 
 
 @jax.tree_util.register_dataclass
@@ -122,51 +145,36 @@ def sample(
     logits: jax.Array,  # f32[R, V]
     st: SamplingTensors,
     state: PenaltyState,
-    want_logprobs: jax.Array,  # bool[]: some row asked for logprobs
+    mode: SamplerMode,  # static
 ) -> tuple[SamplerOutput, PenaltyState]:
     r, v = logits.shape
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    any_penalty = jnp.any(
-        (st.presence_penalty != 0) | (st.frequency_penalty != 0) | (st.repetition_penalty != 1)
-    )
-    logits = jax.lax.cond(
-        any_penalty,
-        lambda x: apply_penalties(
-            x,
-            state.output_counts[st.slots],
-            state.prompt_mask[st.slots],
-            st.presence_penalty,
-            st.frequency_penalty,
-            st.repetition_penalty,
-        ),
-        lambda x: x,
+    raw = logits
+    logits = apply_penalties(
         logits,
+        state.output_counts[st.slots],
+        state.prompt_mask[st.slots],
+        st.presence_penalty,
+        st.frequency_penalty,
+        st.repetition_penalty,
     )
     rows = jnp.broadcast_to(jnp.arange(r)[:, None], st.bias_ids.shape)
     logits = logits.at[rows, st.bias_ids].add(st.bias_vals, mode="drop")
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(x):
-        scaled = x / jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
-        needs_filter = jnp.any((st.top_k > 0) | (st.top_p < 1) | (st.min_p > 0))
-        scaled = jax.lax.cond(
-            needs_filter, lambda y: apply_filters(y, st.top_k, st.top_p, st.min_p), lambda y: y,
-            scaled,
-        )  # fmt: skip
-        noisy = scaled + gumbel_noise(st.seeds, st.positions, v)
-        return jnp.argmax(noisy, axis=-1).astype(jnp.int32)
-
-    all_greedy = jnp.all(st.temperature == 0)
-    random_ids = jax.lax.cond(all_greedy, lambda x: greedy_ids, draw, logits)
+    scaled = logits / jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
+    if mode.filters:
+        scaled = apply_filters(scaled, st.top_k, st.top_p, st.min_p)
+    noisy = scaled + gumbel_noise(st.seeds, st.positions, v)
+    random_ids = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
     sampled = jnp.where(st.temperature == 0, greedy_ids, random_ids)
-
-    zeros = (
-        jnp.zeros((r,), jnp.float32),
-        jnp.zeros((r,), jnp.int32),
-        jnp.zeros((r, MAX_LOGPROBS), jnp.int32),
-        jnp.zeros((r, MAX_LOGPROBS), jnp.float32),
-    )
-    lp = jax.lax.cond(want_logprobs, _top_logprobs, lambda *_: zeros, raw_logprobs, sampled)
+    if mode.logprobs:
+        lp = _top_logprobs(jax.nn.log_softmax(raw, axis=-1), sampled)
+    else:
+        lp = (
+            jnp.zeros((r,), jnp.float32),
+            jnp.zeros((r,), jnp.int32),
+            jnp.zeros((r, MAX_LOGPROBS), jnp.int32),
+            jnp.zeros((r, MAX_LOGPROBS), jnp.float32),
+        )
     counts = state.output_counts.at[st.slots, sampled].add(st.sample_mask.astype(jnp.int32))
     new_state = PenaltyState(counts, state.prompt_mask)
     return SamplerOutput(sampled, *lp), new_state

@@ -7,7 +7,9 @@ import pytest
 from scipy import stats
 
 from jaxpaged.runner.sampler import (
+    ALL_MODES,
     PenaltyState,
+    SamplerMode,
     SamplingTensors,
     apply_penalties,
     init_penalty_row,
@@ -44,12 +46,18 @@ def _state(slots=2):
     return PenaltyState(jnp.zeros((slots, V), jnp.int32), jnp.zeros((slots, V), bool))
 
 
-_sample = jax.jit(sample)
+_sample_jit = jax.jit(sample, static_argnames="mode")
+
+
+def _sample(logits, st, state, want_logprobs):
+    """The sampler in the mode the runner picks for these rows."""
+    mode = SamplerMode.for_rows(st.top_k, st.top_p, st.min_p, bool(want_logprobs))
+    return _sample_jit(logits, st, state, mode=mode)
 
 
 def _draw(logits_row, n, **kw):
     logits = jnp.asarray(np.broadcast_to(logits_row, (n, V)))
-    out, _ = _sample(logits, _tensors(n, **kw), _state(), jnp.bool_(False))
+    out, _ = _sample(logits, _tensors(n, **kw), _state(), False)
     return np.asarray(out.sampled)
 
 
@@ -103,7 +111,7 @@ def test_sample_frequencies_match_distribution(kw):
 def test_top_k_one_equals_greedy():
     logits = np.random.default_rng(1).normal(size=(64, V)).astype(np.float32)
     st = _tensors(64, top_k=1, temperature=0.8)
-    out, _ = _sample(jnp.asarray(logits), st, _state(), jnp.bool_(False))
+    out, _ = _sample(jnp.asarray(logits), st, _state(), False)
     np.testing.assert_array_equal(np.asarray(out.sampled), logits.argmax(-1))
     greedy, _ = _sample(jnp.asarray(logits), _tensors(64, temperature=0.0), _state(), False)
     np.testing.assert_array_equal(np.asarray(greedy.sampled), logits.argmax(-1))
@@ -183,3 +191,32 @@ def test_logprobs_are_raw_log_softmax_with_rank():
         tok = int(out.sampled[i])
         assert abs(float(out.sampled_logprob[i]) - lsm[i, tok]) < 1e-5
         assert int(out.sampled_rank[i]) == 1 + int((lsm[i] > lsm[i, tok]).sum())
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_sampler_has_no_conditional(mode):
+    # XLA:GPU runs a conditional by waiting on the host for its predicate: the sampler
+    # compiles its optional parts in or out instead.
+    logits = jnp.zeros((4, V), jnp.float32)
+    text = _sample_jit.lower(logits, _tensors(4), _state(), mode=mode).as_text()
+    assert "stablehlo.case" not in text and "stablehlo.if" not in text
+
+
+def test_modes_agree_where_their_parts_are_unused():
+    logits = jnp.asarray(np.random.default_rng(7).normal(size=(8, V)).astype(np.float32))
+    st = _tensors(8, temperature=np.array([0, 0.7] * 4, np.float32))
+    outs = {m: _sample_jit(logits, st, _state(), mode=m)[0] for m in ALL_MODES}
+    plain = np.asarray(outs[SamplerMode()].sampled)
+    for m, out in outs.items():
+        np.testing.assert_array_equal(np.asarray(out.sampled), plain, err_msg=str(m))
+    assert np.asarray(outs[SamplerMode()].top_ids).max() == 0  # not computed
+    assert np.asarray(outs[SamplerMode(logprobs=True)].top_ids).max() > 0
+
+
+def test_mode_for_rows():
+    off = dict(top_k=np.zeros(3, np.int32), top_p=np.ones(3), min_p=np.zeros(3))
+    assert SamplerMode.for_rows(**off, want_logprobs=False) == SamplerMode()
+    for name, value in (("top_k", 5), ("top_p", 0.9), ("min_p", 0.1)):
+        rows = {k: v.copy() for k, v in off.items()}
+        rows[name][1] = value
+        assert SamplerMode.for_rows(**rows, want_logprobs=True) == SamplerMode(True, True)
