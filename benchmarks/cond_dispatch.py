@@ -5,6 +5,10 @@
 XLA:GPU runs a conditional by copying its predicate to the host, which waits for all earlier
 work on the stream, so the call returns only when the device is nearly done. Printed per
 variant: how long the call takes to return, and the device time of the whole step.
+
+This micro-benchmark's cond did not block, but in the engine's step one did: a profiler
+trace (benchmarks/device_idle.py) found the 8B step's call inside one XLA conditional for
+4.1 of its 5.7 ms, and the sampler now has none (docs/benchmarks.md, 2026-12-02 afternoon).
 """
 
 from __future__ import annotations
