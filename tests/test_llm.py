@@ -114,6 +114,23 @@ def test_seeded_sample_independent_of_batch(tight_llm):
     assert other.outputs[0].token_ids != alone.outputs[0].token_ids
 
 
+def test_runner_compiles_in_the_filters_a_batch_needs(tight_llm):
+    """top_k=1 at temperature 1 is greedy only if the step's sampler sorts: the runner must
+    pick the filtering mode whenever some row of the batch filters, next to plain rows."""
+    prompts = _prompts(4, [9, 30, 5, 44])
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    want = tight_llm.generate(prompts, greedy, use_tqdm=False)
+    params = [SamplingParams(temperature=1.0, top_k=1, seed=i, max_tokens=16, ignore_eos=True)
+              if i % 2 == 0 else SamplingParams(temperature=1.0, seed=i, max_tokens=16,
+                                                ignore_eos=True)
+              for i in range(len(prompts))]  # fmt: skip
+    got = tight_llm.generate(prompts, params, use_tqdm=False)
+    for i in (0, 2):
+        assert got[i].outputs[0].token_ids == want[i].outputs[0].token_ids
+    # The plain rows sampled (the check above could not pass with every row greedy).
+    assert any(got[i].outputs[0].token_ids != want[i].outputs[0].token_ids for i in (1, 3))
+
+
 def test_n_fans_out_and_logprobs(tight_llm):
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, logprobs=2,
                             ignore_eos=True)  # fmt: skip
