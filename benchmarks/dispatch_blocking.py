@@ -3,8 +3,9 @@
     PYTHONPATH=. python benchmarks/dispatch_blocking.py [--smoke]
 
 One child process per variant, each an 8-layer Llama-3-8B-shape engine (dummy weights),
-one greedy stream of 64 tokens, async scheduling: the mean time the step's executable call
-takes to return, against the wall time per token. Variants: the Pallas backend, the
+one greedy stream of 64 tokens, async scheduling: the mean time the step's executable calls
+(staging, forward, sampler, copy: `ModelRunner._run_step`) take to return, against the wall
+time per token. Variants: the Pallas backend, the
 reference backend, the Pallas backend with the sampler's lax.cond replaced by selects,
 without XLA command buffers (CUDA graphs), without the early device-to-host copies of the
 sampled ids, and without donating the KV pool and sampler state.
@@ -102,7 +103,7 @@ def one_stream(llm, before_timed=None) -> dict:
 
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     first = llm.generate([[1] * 100], params, use_tqdm=False)
-    runner._compiled = {k: wrap(v) for k, v in runner._compiled.items()}
+    runner._run_step = wrap(runner._run_step)  # the step's calls: stage, forward, sampler
     if before_timed is not None:
         before_timed()
     t0 = time.perf_counter()

@@ -101,16 +101,17 @@ def engine_stages(llm, async_on: bool, num_tokens: int) -> dict:
         marks = stack.enter_context(_idle_probe(llm))
         calls = defaultdict(list)
 
-        def timing(exe, key):
+        def timing(run_step):
             def call(*args):
                 c0 = time.perf_counter()
-                out = exe(*args)
+                out = run_step(*args)
                 calls["executable_call"].append(time.perf_counter() - c0)
                 return out
 
             return call
 
-        runner._compiled = {k: timing(v, k) for k, v in runner._compiled.items()}
+        # The step's calls: staging, forward, sampler, copy (ModelRunner._run_step).
+        runner._run_step = timing(runner._run_step)
         c0 = time.perf_counter()
         llm.generate([[1] * 100], params, use_tqdm=False)
         wall = time.perf_counter() - c0

@@ -245,19 +245,21 @@ def test_async_scheduling_gives_the_synchronous_tokens(tight_llm, hf_model_dir):
 def test_second_start_loads_every_bucket_from_the_executable_cache(
     hf_model_dir, tmp_path, monkeypatch
 ):
-    # Pool sizes no other test uses: XLA's own cache (shared by the session) has no entry,
-    # so the first start compiles and stores every bucket.
+    # A pool size and a seq cap no other test uses: XLA's own cache (shared by the session)
+    # has no entry for these forwards or samplers (the samplers do not depend on the pool),
+    # so the first start compiles and stores every executable.
     monkeypatch.setenv("JAXPAGED_COMPILATION_CACHE", str(tmp_path))
     prompts = _prompts(7, [5, 40, 17])
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    first = _llm(hf_model_dir[0], num_kv_blocks=21)
+    first = _llm(hf_model_dir[0], num_kv_blocks=21, max_num_seqs=6)
     stats = first.model_runner.compile_stats
     assert stats["buckets_loaded"] == 0 and stats["buckets_compiled"] > 0
     want = [o.outputs[0].token_ids for o in first.generate(prompts, params, use_tqdm=False)]
     del first
-    second = _llm(hf_model_dir[0], num_kv_blocks=21)
+    second = _llm(hf_model_dir[0], num_kv_blocks=21, max_num_seqs=6)
     runner = second.model_runner
     assert runner.compile_stats["buckets_compiled"] == 0
+    assert runner.compile_stats["executables_compiled"] == 0  # the samplers too
     assert runner.compile_stats["buckets_loaded"] == stats["buckets_compiled"]
     assert runner.compile_stats["trace_s"] < stats["trace_s"]
     k0 = runner.kv_caches[0][0]
@@ -265,8 +267,10 @@ def test_second_start_loads_every_bucket_from_the_executable_cache(
     assert got == want
     assert k0.is_deleted(), "a loaded executable must still donate the KV pool"
     # A different pool size is a different executable: nothing may be reused for it.
-    third = _llm(hf_model_dir[0], num_kv_blocks=22)
+    third = _llm(hf_model_dir[0], num_kv_blocks=22, max_num_seqs=6)
     assert third.model_runner.compile_stats["buckets_loaded"] == 0
+    # ...but the samplers, which do not depend on it, are.
+    assert third.model_runner.compile_stats["executables_compiled"] == stats["buckets"]
 
 
 def test_async_keeps_logprobs_of_requests_preempted_with_a_token_in_flight(tight_llm, hf_model_dir):
@@ -363,13 +367,16 @@ def test_launcher_thread_makes_every_device_call_and_changes_no_token(
                        frequency_penalty=0.3 if i % 2 else 0.0)
         for i in range(len(prompts))
     ]  # fmt: skip
+    samplers = runner._samplers
     runner._compiled = {k: recording(v) for k, v in original.items()}
+    runner._samplers = {k: recording(v) for k, v in samplers.items()}
     init_row = runner._init_row_compiled
     runner._init_row_compiled = recording(init_row)  # the penalty-row resets
     try:
         got = tight_llm.generate(prompts, params, use_tqdm=False)
     finally:
         runner._compiled, runner._init_row_compiled = original, init_row
+        runner._samplers = samplers
     want = plain.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert threads and all(name.startswith("jaxpaged-launch") for name in threads), threads

@@ -13,7 +13,8 @@ A missing, stale or unreadable entry means: compile as usual, then store. Multi-
 runs do not use it (each process would need its own entries for its devices). An executable
 that XLA's persistent cache served is not stored: re-serialising one that was itself
 deserialised gives an executable that fails at run time on XLA:CPU ("Function ... not
-found"), so only fresh compiles are stored.
+found"), so only fresh compiles are stored. (So an executable that XLA's cache already held
+from a start with this cache off is lowered again at every start, and served by XLA.)
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ the host does not wait for step k before it enqueues step k+1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -47,6 +48,7 @@ from jaxpaged.runner.input_batch import HostStep, InputBatch
 from jaxpaged.runner.packing import (
     PackLayout,
     leading_words,
+    leaf_offsets,
     pack,
     pack_traced,
     unpack,
@@ -219,9 +221,12 @@ class ModelRunner:
             static_argnames=("layout", "mode", "out_layout"),
         )
         self._layouts: dict[tuple[int, int, bool], PackLayout] = {}
+        self._signatures: dict[tuple[int, int, bool], tuple] = {}
         self._init_row = jax.jit(init_penalty_row, donate_argnames=("state",))
         self._compiled: dict[tuple[int, int, bool], jax.stages.Compiled] = {}  # forward
-        self._samplers: dict[tuple[tuple[int, int, bool], SamplerMode], jax.stages.Compiled] = {}
+        # Samplers by (signature, mode): buckets whose packed inputs hold the sampling rows at
+        # the same places share one (_sampler_signature).
+        self._samplers: dict[tuple[tuple, SamplerMode], jax.stages.Compiled] = {}
         self.executable_cache = ExecutableCache.from_env()
         self.compile_stats: dict[str, float] = {}
 
@@ -239,8 +244,7 @@ class ModelRunner:
             v.delete()
         self.kv_caches = self._allocate_kv(num_blocks)
         self.num_blocks = num_blocks
-        self._compiled.clear()
-        self._samplers.clear()
+        self._compiled.clear()  # the samplers do not depend on the pool
 
     def profile_peak_bytes(self) -> int:
         """Run the largest bucket once (all padding, the sampler with every part compiled
@@ -249,9 +253,11 @@ class ModelRunner:
         hs = self.input_batch.prepare(*(np.zeros(0, np.int32),) * 3, key[0], key[1])
         inputs = self._put_inputs(pack(_to_inputs(hs, key[2]), self._layout(key)))
         forward = self._compile_cached(("profile", key), self._forward, *self._forward_args(key))
-        sampler = self._compile_cached(
-            ("profile", key, mode), self._sample, *self._sample_args(key, mode)
+        name = (self._sampler_signature(key), mode)
+        sampler = self._samplers.get(name) or self._compile_cached(
+            name, self._sample, *self._sample_args(key, mode)
         )
+        self._samplers[name] = sampler  # compile_all reuses it
         self.kv_caches, logits = forward(self.params, self.kv_caches, self.last_tokens, inputs)
         self.penalty_state, self.last_tokens, out = sampler(
             logits, self.penalty_state, self.last_tokens, inputs, *self._out_arg(key)
@@ -282,6 +288,7 @@ class ModelRunner:
             {"params": params}, token_ids, inputs.positions, kv_caches, inputs.md,
             inputs.logits_indices,
         )  # fmt: skip
+        logits = logits.astype(jnp.float32)  # the sampler is compiled for f32 logits
         if self.shardings is not None:
             # Pin the layouts: the pool stays split (so donation is in place) and the logits
             # are replicated, as the sampler executable takes them.
@@ -336,14 +343,31 @@ class ModelRunner:
             args += (jax.ShapeDtypeStruct((out_layout.size,), np.int32),)
         return args, {"layout": self._layout(key), "mode": mode, "out_layout": out_layout}
 
+    def _sampler_signature(self, key: tuple[int, int, bool]) -> tuple:
+        """What bucket `key`'s sampler depends on besides the mode: the packed buffer's size
+        and the (offset, shape, dtype) of each sampling leaf in it. Buckets of one signature
+        share a sampler executable (decode and mixed buckets of the same rows often do)."""
+        sig = self._signatures.get(key)
+        if sig is None:
+            layout = self._layout(key)
+            specs = zip(leaf_offsets(layout), layout.specs, strict=True)
+            entries = [(off, shape, str(dt)) for off, (shape, dt) in specs]
+            sampling = jax.tree.unflatten(layout.treedef, entries).sampling
+            fields = tuple(getattr(sampling, f.name) for f in dataclasses.fields(sampling))
+            sig = self._signatures[key] = ("sampler", layout.size, fields)
+        return sig
+
     def _executables(self) -> dict:
-        """Every executable compile_all makes: name -> (jit, arguments, static arguments).
-        A name is a bucket key (its forward) or (bucket key, SamplerMode)."""
+        """Every executable compile_all makes that is not made yet: name -> (jit,
+        arguments, static arguments). A name is a bucket key (its forward) or (sampler
+        signature, SamplerMode)."""
         out = {}
         for key in self.buckets.all_keys():
             out[key] = (self._forward, *self._forward_args(key))
             for mode in ALL_MODES:
-                out[key, mode] = (self._sample, *self._sample_args(key, mode))
+                name = (self._sampler_signature(key), mode)
+                if name not in self._samplers and name not in out:
+                    out[name] = (self._sample, *self._sample_args(key, mode))
         return out
 
     def _out_arg(self, key: tuple[int, int, bool]) -> tuple:
@@ -381,14 +405,20 @@ class ModelRunner:
         self._in_bufs[key] = self._stage(buf, packed)
         return self._in_bufs[key]
 
-    def _cache_key(self, bucket, args) -> str | None:
+    def _cache_key(self, name, args) -> str | None:
         if self.executable_cache is None:
             return None
-        description = "\n".join(map(str, (
-            self.config, describe_backend(self.backend), self.dtype, self.block_size,
-            self.max_model_len, self.buckets, bucket, os.environ.get("XLA_FLAGS", ""),
-            sorted((k, repr(v)) for k, v in jax.config.values.items()),
-        )))  # fmt: skip
+        flags = (os.environ.get("XLA_FLAGS", ""),
+                 sorted((k, repr(v)) for k, v in jax.config.values.items()))  # fmt: skip
+        if isinstance(name[-1], SamplerMode):
+            # A sampler depends on its signature, mode and argument shapes only (in args):
+            # the same key for every bucket, pool and model that would compile it alike,
+            # so XLA's own cache never serves it unstored (only fresh compiles are stored).
+            parts = (name, *flags)
+        else:
+            parts = (self.config, describe_backend(self.backend), self.dtype, self.block_size,
+                     self.max_model_len, self.buckets, name, *flags)  # fmt: skip
+        description = "\n".join(map(str, parts))
         return self.executable_cache.key(description, args)
 
     def _load(self, cache_key: str | None) -> jax.stages.Compiled | None:
@@ -526,7 +556,9 @@ class ModelRunner:
         wants_logprobs = batch.logprobs[slots] >= 0
         want_lp = bool(wants_logprobs.any())
         sp = hs.sampling
-        mode = SamplerMode.for_rows(sp["top_k"], sp["top_p"], sp["min_p"], want_lp)
+        rows = sp["sample_mask"]  # rows mid-prefill sample nothing: their filters don't count
+        mode = SamplerMode.for_rows(sp["top_k"][rows], sp["top_p"][rows], sp["min_p"][rows],
+                                    want_lp)  # fmt: skip
         packed = pack(_to_inputs(hs, key[2]), self._layout(key))
         out = self._launch(lambda: self._run_step(key, mode, packed))
         sample_mask = hs.sampling["sample_mask"][: len(req_ids)]
@@ -544,7 +576,8 @@ class ModelRunner:
         self.kv_caches, logits = self._compiled[key](
             self.params, self.kv_caches, self.last_tokens, inputs
         )
-        self.penalty_state, self.last_tokens, out = self._samplers[key, mode](
+        sampler = self._samplers[self._sampler_signature(key), mode]
+        self.penalty_state, self.last_tokens, out = sampler(
             logits, self.penalty_state, self.last_tokens, inputs, *self._out_arg(key)
         )
         if self.stable_buffers:
