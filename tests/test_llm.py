@@ -16,6 +16,7 @@ import torch
 import transformers as tf
 
 from jaxpaged.llm import LLM
+from jaxpaged.runner.sampler import ALL_MODES
 from jaxpaged.sampling_params import SamplingParams
 
 VOCAB = 256
@@ -112,6 +113,18 @@ def test_seeded_sample_independent_of_batch(tight_llm):
         use_tqdm=False,
     )[0]
     assert other.outputs[0].token_ids != alone.outputs[0].token_ids
+
+
+def test_buckets_with_the_sampling_rows_at_the_same_places_share_a_sampler(tight_llm):
+    """The sampler reads only the sampling rows of the packed inputs, so buckets whose
+    buffers agree on them share one executable per mode (the HF comparisons above run
+    decode and mixed steps through the shared ones)."""
+    runner = tight_llm.model_runner
+    sigs = {k: runner._sampler_signature(k) for k in runner.buckets.all_keys()}
+    assert len(set(sigs.values())) < len(sigs), "this bucket set was meant to share"
+    assert len(runner._samplers) == len(ALL_MODES) * len(set(sigs.values()))
+    for key, sig in sigs.items():
+        assert sig[1] == runner._layout(key).size and sig[2][0][1] == (key[1],)
 
 
 def test_runner_compiles_in_the_filters_a_batch_needs(tight_llm):
