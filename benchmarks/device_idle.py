@@ -50,17 +50,29 @@ def busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, float]:
     return busy, max(end for _, end in intervals) - intervals[0][0]
 
 
-def device_intervals(planes) -> list[tuple[float, float]]:
-    """[start, end) in ns of every event on a GPU plane's stream lines. The derived lines
+def _stream_events(planes):
+    """Every event on a GPU plane's stream lines (kernels and copies). The derived lines
     ("XLA Modules", "XLA Ops", ...) span idle time too and are left out."""
-    out = []
     for plane in planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if line.name.startswith("Stream"):
-                out += [(e.start_ns, e.start_ns + e.duration_ns) for e in line.events]
-    return out
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    yield from line.events
+
+
+def device_intervals(planes) -> list[tuple[float, float]]:
+    """[start, end) in ns of every GPU stream event."""
+    return [(e.start_ns, e.start_ns + e.duration_ns) for e in _stream_events(planes)]
+
+
+def _totals(keyed_events) -> dict:
+    """key -> [count, total duration ns] over (key, event) pairs."""
+    table: dict = {}
+    for key, e in keyed_events:
+        row = table.setdefault(key, [0, 0.0])
+        row[0] += 1
+        row[1] += e.duration_ns
+    return table
 
 
 KINDS = (
@@ -83,16 +95,7 @@ def kind_of(name: str) -> str:
 def kernel_table(planes, steps: int, top: int = 40) -> dict:
     """Per kernel name on the GPU stream lines: launches and device microseconds per step,
     the `top` largest, and the totals per kind."""
-    table: dict[str, list[float]] = {}
-    for plane in planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if line.name.startswith("Stream"):
-                for e in line.events:
-                    row = table.setdefault(e.name, [0, 0.0])
-                    row[0] += 1
-                    row[1] += e.duration_ns
+    table = _totals((e.name, e) for e in _stream_events(planes))
     steps = max(steps, 1)
     rows = sorted(table.items(), key=lambda kv: -kv[1][1])
     kinds: dict[str, dict] = {}
@@ -113,15 +116,8 @@ def host_table(planes, steps: int, top: int = 60) -> list[dict]:
     """Per (host thread, event name): count and milliseconds per step, the `top` largest.
     Host events nest (an executable's run holds its thunks, a thunk its driver calls), so
     totals overlap; they show where a thread's time goes, not a partition of it."""
-    table: dict[tuple[str, str], list[float]] = {}
-    for plane in planes:
-        if not plane.name.startswith("/host"):
-            continue
-        for line in plane.lines:
-            for e in line.events:
-                row = table.setdefault((line.name, e.name), [0, 0.0])
-                row[0] += 1
-                row[1] += e.duration_ns
+    table = _totals(((ln.name, e.name), e) for p in planes if p.name.startswith("/host")
+                    for ln in p.lines for e in ln.events)  # fmt: skip
     steps = max(steps, 1)
     rows = sorted(table.items(), key=lambda kv: -kv[1][1])[:top]
     return [{"thread": t[:60], "name": n[:160], "count_per_step": c / steps,

@@ -114,12 +114,11 @@ def unpack_host(buf: np.ndarray, layout: PackLayout) -> list[np.ndarray]:
     return leaves
 
 
-def leaf_offsets(layout: PackLayout) -> list[int]:
-    """Where each leaf starts in a packed buffer (int32 words)."""
-    sizes = [_aligned(math.prod(shape)) for shape, _ in layout.specs]
-    return [sum(sizes[:i]) for i in range(len(sizes))]
-
-
 def leading_words(layout: PackLayout, num_leaves: int) -> int:
     """Words of a packed buffer that hold its first `num_leaves` leaves."""
     return sum(_aligned(math.prod(shape)) for shape, _ in layout.specs[:num_leaves])
+
+
+def leaf_offsets(layout: PackLayout) -> list[int]:
+    """Where each leaf starts in a packed buffer (int32 words)."""
+    return [leading_words(layout, i) for i in range(len(layout.specs))]
