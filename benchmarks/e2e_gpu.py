@@ -152,20 +152,27 @@ def _set_async(llm, on: bool) -> None:
 
 
 def part_jaxpaged(
-    model: str, smoke: bool, cache_dir: str, workloads: list[str], sync_compare: bool = False
+    model: str,
+    smoke: bool,
+    cache_dir: str,
+    workloads: list[str],
+    sync_compare: bool = False,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int = 2048,
 ) -> dict:
     os.environ["JAXPAGED_COMPILATION_CACHE"] = cache_dir
     from jaxpaged import bench
     from jaxpaged.llm import LLM
 
     start = time.perf_counter()
-    kw = dict(max_model_len=4608, max_num_seqs=256, max_num_batched_tokens=2048)
+    kw = dict(max_model_len=4608, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=max_num_batched_tokens)  # fmt: skip
     if smoke:
         kw = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_blocks=200)
         model = _tiny_config_dir(model)
     llm = LLM(model, load_format="dummy", **kw)
     res = {"startup_s": time.perf_counter() - start, "compile_s": llm.compile_seconds,
-           "num_buckets": llm.model_runner.num_compiled,
+           "num_buckets": llm.model_runner.num_compiled, "engine_args": kw,
            "num_kv_blocks": llm.model_runner.num_blocks,
            "compile_stats": llm.model_runner.compile_stats}  # fmt: skip
     scale = 0.02 if smoke else 1.0
@@ -201,10 +208,15 @@ def part_jaxpaged(
                 sync["b"] = bench.run_throughput(llm, argparse.Namespace(seed=0, **specs["b"]))
             sync["b"]["device_idle_fraction"] = _idle_fraction(marks)
         _set_async(llm, True)
-    res["weight_bytes"] = sum(
-        x.nbytes for x in __import__("jax").tree.leaves(llm.model_runner.params)
-    )
+    leaves = __import__("jax").tree.leaves(llm.model_runner.params)
+    res["weight_bytes"] = sum(x.nbytes for x in leaves)
     c = llm.config.model
+    # For the throughput workloads' compute bound: every token passes the layers (2 FLOP per
+    # parameter), and each output token's row also passes the lm_head.
+    head = c.vocab_size * c.hidden_size
+    embeds = head if c.tie_word_embeddings else 2 * head
+    res["layer_params"] = sum(x.size for x in leaves) - embeds
+    res["lm_head_params"] = head
     res["kv_bytes_per_token"] = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
     return res
 
@@ -223,7 +235,11 @@ def _tiny_config_dir(model: str) -> str:
     return path
 
 
-def part_hf(model: str, smoke: bool) -> dict:
+# HF's static-batching runs: (name, input len, output len), each one batch of 128 sequences.
+HF_THROUGHPUT = [("b_batch128", 128, 128), ("c_batch128", 1024, 512)]
+
+
+def part_hf(model: str, smoke: bool, cases: list[str]) -> dict:
     import torch
     import transformers as tf
 
@@ -240,14 +256,16 @@ def part_hf(model: str, smoke: bool) -> dict:
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     res = {}
-    cases = [("b_batch128", 128, 128, 128), ("d_ctx512", 1, 512, 128)]
+    cases = [(name, 128, n_in, n_out) for name, n_in, n_out in HF_THROUGHPUT if name in cases]
+    cases.append(("d_ctx512", 1, 512, 128))
     if smoke:
-        cases = [("b_batch128", 4, 16, 8), ("d_ctx512", 1, 32, 8)]
+        cases = [(name, 4, 16, 8) for name, _, _, _ in cases]
     for name, batch, n_in, n_out in cases:
         ids = torch.randint(0, cfg["vocab_size"], (batch, n_in), device=device)
         gen = dict(max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False)
         with torch.no_grad():
-            hf.generate(ids, **gen)
+            # Warm-up: the same batch, a few tokens (eager torch compiles nothing).
+            hf.generate(ids, **dict(gen, max_new_tokens=8, min_new_tokens=8))
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -291,6 +309,8 @@ def main() -> None:
         action="store_true",
         help="also time decode steps and (b) with synchronous scheduling",
     )
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument(
         "--skip", default="", help="comma list of parts to skip (jaxpaged, warm, xla, hf)"
     )
@@ -305,15 +325,18 @@ def main() -> None:
     results = {"ceilings": _spawn("ceilings", {"smoke": args.smoke}), "models": {},
                "command": command.replace(args.out, "$OUT")}  # fmt: skip
     print("ceilings", results["ceilings"], flush=True)
+    wanted = args.workloads.split(",")
+    hf_cases = [name for name, _, _ in HF_THROUGHPUT if name[0] in wanted]
     for model in args.models.split(","):
         cache = tempfile.mkdtemp(prefix="xla-cache-")
         r = results["models"][model] = {}
         payload = {"model": model, "smoke": args.smoke, "cache_dir": cache,
-                   "workloads": args.workloads.split(",")}  # fmt: skip
+                   "workloads": args.workloads.split(","), "max_num_seqs": args.max_num_seqs,
+                   "max_num_batched_tokens": args.max_num_batched_tokens}  # fmt: skip
         parts = [
             ("jaxpaged", "jaxpaged", dict(payload, sync_compare=args.sync_compare)),
             ("jaxpaged_warm", "jaxpaged", dict(payload, workloads=[])),  # same cache dir
-            ("hf", "hf", {"model": model, "smoke": args.smoke}),
+            ("hf", "hf", {"model": model, "smoke": args.smoke, "cases": hf_cases}),
             ("xla", "xla", {"model": model, "smoke": args.smoke}),
         ]
         for name, part, part_payload in parts:

@@ -20,22 +20,42 @@ def _num(x, spec: str = ",.0f") -> str:
     return "" if x is None else format(x, spec)
 
 
+def _hf_tok_s(hf: dict, workload: str) -> float | None:
+    """HF's output tok/s on a throughput workload (one static batch of 128), if run."""
+    return hf.get(f"{workload}_batch128", {}).get("output_tokens_per_s")
+
+
+def compute_bound(jp: dict, workload: str, ceilings: dict) -> float | None:
+    """The most output tok/s any engine gets on a throughput workload at the measured matmul
+    rate: every token through the layers (2 FLOP per parameter; attention not counted) and
+    every output token's row through the lm_head."""
+    w = jp.get(workload, {})
+    if "layer_params" not in jp or "num_input_tokens" not in w:
+        return None
+    out = w["num_output_tokens"]
+    passes = w["num_input_tokens"] + out - w["num_requests"]  # the last token is not fed
+    flops = 2 * jp["layer_params"] * passes + 2 * jp["lm_head_params"] * out
+    return out / (flops / (ceilings["matmul_TFLOPs"] * 1e12))
+
+
 def table(results: dict) -> str:
     """The markdown table of one e2e run: jaxpaged, HF, plain XLA and the roofline."""
     bw = results["ceilings"].get("copy_GBps", float("nan")) * 1e9
     rows = ["| model | measure | jaxpaged | HF | ratio / roofline |", "|---|---|---|---|---|"]
     for model, r in results["models"].items():
         jp, hf = r.get("jaxpaged", {}), r.get("hf", {})
-        hf_b = hf.get("b_batch128", {}).get("output_tokens_per_s")
         for w in ("a", "b", "c"):
             if w not in jp:
                 continue
             tok, idle = jp[w]["output_tokens_per_s"], jp[w]["device_idle_fraction"]
-            ref = hf_b if w == "b" else None
-            ratio = f"{tok / ref:.1f}x HF (static batch 128)" if ref else ""
+            ref = _hf_tok_s(hf, w)
+            parts = [f"{tok / ref:.1f}x HF (static batch 128)"] if ref else []
+            bound = compute_bound(jp, w, results["ceilings"])
+            if bound:
+                parts.append(f"compute bound {bound:,.0f} tok/s (jaxpaged at {tok / bound:.0%})")
             rows.append(
                 f"| {model} | ({w}) output tok/s (device idle {idle:.0%}) | {_num(tok)} "
-                f"| {_num(ref)} | {ratio} |"
+                f"| {_num(ref)} | {'; '.join(parts)} |"
             )
         for key in [k for k in jp if k.startswith("d_ctx")]:
             ms, ctx = jp[key]["per_output_token_ms"], int(key[5:])
@@ -119,9 +139,14 @@ def render(results: dict, out_dir: str) -> list[str]:
             xs = range(len(names))
             ax.bar([x - 0.2 for x in xs], [jp[w]["output_tokens_per_s"] for w in names], 0.4,
                    label="jaxpaged")  # fmt: skip
-            hf_b = hf.get("b_batch128", {}).get("output_tokens_per_s")
-            if hf_b and "b" in names:
-                ax.bar([names.index("b") + 0.2], [hf_b], 0.4, label="HF generate (batch 128)")
+            refs = [(i, _hf_tok_s(hf, w)) for i, w in enumerate(names) if _hf_tok_s(hf, w)]
+            if refs:
+                ax.bar([i + 0.2 for i, _ in refs], [v for _, v in refs], 0.4,
+                       label="HF generate (batch 128)")  # fmt: skip
+            bounds = [(i, compute_bound(jp, w, c)) for i, w in enumerate(names)]
+            if any(b for _, b in bounds):
+                ax.scatter([i for i, b in bounds if b], [b for _, b in bounds if b], marker="_",
+                           s=400, color="k", label="compute bound")  # fmt: skip
             ax.set_xticks(list(xs), [f"({w})" for w in names])
             ax.set_ylabel("output tokens / s")
             written.append(_save(fig, ax, f"{model}: offline throughput\n{meta}",

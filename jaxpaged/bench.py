@@ -89,6 +89,7 @@ def run_throughput(llm, args) -> dict:
         "total_tokens_per_s": (num_in + num_out) / elapsed,
         "elapsed_s": elapsed,
         "num_requests": len(outs),
+        "num_input_tokens": num_in,
         "num_output_tokens": num_out,
     }
 

@@ -434,7 +434,8 @@ class ModelRunner:
     def compile_all(self, show_progress: bool = True) -> float:
         """Compile every bucket's forward and samplers; returns seconds taken. Those in the
         executable cache are loaded; the others are traced in sequence (Flax is not
-        thread-safe) and compiled in parallel threads, then stored."""
+        thread-safe), each handed to a pool of compiling threads as soon as it is traced (XLA
+        compiles without the GIL, so tracing and compiling overlap), then stored."""
         start = time.perf_counter()
         todo_all = self._executables()
         names = list(todo_all)
@@ -443,18 +444,20 @@ class ModelRunner:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             found = pool.map(lambda n: self._load(cache_keys[n]), names)
             loaded = dict(zip(names, found, strict=True))
-        todo = [name for name in names if loaded[name] is None]
+        # The largest forwards first: they take longest to compile, so start them earliest.
+        todo = sorted(
+            (name for name in names if loaded[name] is None),
+            key=lambda n: (isinstance(n[-1], SamplerMode), -n[0] if isinstance(n[0], int) else 0),
+        )
         compiled = {n: v for n, v in loaded.items() if v is not None}
         loaded_s = time.perf_counter() - start
-        lowered = {}
-        for name in todo:
-            fn, args, statics = todo_all[name]
-            lowered[name] = fn.lower(*args, **statics)
-        traced_s = time.perf_counter() - start - loaded_s
         bar = tqdm(total=len(todo), desc="Compiling step buckets", disable=not show_progress)
-        fresh = {}
+        fresh, futures = {}, {}
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {name: pool.submit(compile_fresh, low) for name, low in lowered.items()}
+            for name in todo:
+                fn, args, statics = todo_all[name]
+                futures[name] = pool.submit(compile_fresh, fn.lower(*args, **statics))
+            traced_s = time.perf_counter() - start - loaded_s
             for name, fut in futures.items():
                 compiled[name], fresh[name] = fut.result()
                 bar.update(1)

@@ -35,3 +35,25 @@ def test_report_of_the_8b_run_with_its_baselines(tmp_path):
     assert "3.3x HF (static batch 128)" in report  # 10,696 / 3,259 tok/s
     # B128 ctx512: 13.64 ms, floor (16.06 GB + 128 x 512 x 128 KiB) / 3,291 GB/s = 7.49 ms.
     assert "| 13.64 | | 1.82x floor (7.49 ms); plain XLA 17.83 ms" in report
+
+
+def test_compute_bound_and_the_hf_ratio_of_each_throughput_workload():
+    """(b) on the 8B shape: 1000 x 255 token passes through 6.98 B layer parameters and 128,000
+    lm_head rows, 3.69 PFLOP; at 774 TFLOP/s at least 4.77 s, so at most ~26,800 tok/s."""
+    wl = {"num_requests": 1000, "num_input_tokens": 128_000, "num_output_tokens": 128_000,
+          "output_tokens_per_s": 14_000.0, "device_idle_fraction": 0.0}  # fmt: skip
+    jp = {"layer_params": 6.98e9, "lm_head_params": 128256 * 4096, "b": wl, "c": dict(wl)}
+    ceilings = {"matmul_TFLOPs": 774.0, "copy_GBps": 3282.0}
+    bound = e2e_report.compute_bound(jp, "b", ceilings)
+    assert 26_700 < bound < 26_900
+    assert e2e_report.compute_bound(jp, "a", ceilings) is None  # not run
+    assert e2e_report.compute_bound({"b": wl}, "b", ceilings) is None  # no parameter counts
+    hf = {
+        "b_batch128": {"output_tokens_per_s": 3_500.0},
+        "c_batch128": {"output_tokens_per_s": 2_000.0},
+    }
+    results = {"ceilings": ceilings, "models": {"m": {"jaxpaged": jp, "hf": hf}}}
+    table = e2e_report.table(results)
+    assert "| m | (b) output tok/s (device idle 0%) | 14,000 | 3,500 | 4.0x HF" in table
+    assert "| m | (c) output tok/s (device idle 0%) | 14,000 | 2,000 | 7.0x HF" in table
+    assert "(jaxpaged at 52%)" in table
