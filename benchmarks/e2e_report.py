@@ -25,17 +25,27 @@ def _hf_tok_s(hf: dict, workload: str) -> float | None:
     return hf.get(f"{workload}_batch128", {}).get("output_tokens_per_s")
 
 
-def compute_bound(jp: dict, workload: str, ceilings: dict) -> float | None:
-    """The most output tok/s any engine gets on a throughput workload at the measured matmul
-    rate: every token through the layers (2 FLOP per parameter; attention not counted) and
-    every output token's row through the lm_head."""
+def throughput_roofline(jp: dict, workload: str, ceilings: dict) -> tuple[float, str] | None:
+    """(most output tok/s, "compute" or "memory") on a throughput workload at the measured
+    matmul rate and copy bandwidth; the time is at least the larger of
+    - compute: every token through the layers (2 FLOP per parameter; attention not counted)
+      and every output token's row through the lm_head;
+    - memory: the decode steps' KV reads, plus the weights once per step, for the fewest
+      steps this engine's max_num_seqs and max_num_batched_tokens allow."""
     w = jp.get(workload, {})
     if "layer_params" not in jp or "num_input_tokens" not in w:
         return None
     out = w["num_output_tokens"]
     passes = w["num_input_tokens"] + out - w["num_requests"]  # the last token is not fed
     flops = 2 * jp["layer_params"] * passes + 2 * jp["lm_head_params"] * out
-    return out / (flops / (ceilings["matmul_TFLOPs"] * 1e12))
+    times = {"compute": flops / (ceilings["matmul_TFLOPs"] * 1e12)}
+    if "decode_kv_token_reads" in w and "engine_args" in jp:
+        e = jp["engine_args"]
+        steps = max(out / e["max_num_seqs"], passes / e["max_num_batched_tokens"])
+        moved = w["decode_kv_token_reads"] * jp["kv_bytes_per_token"] + steps * jp["weight_bytes"]
+        times["memory"] = moved / (ceilings["copy_GBps"] * 1e9)
+    bound = max(times, key=times.get)
+    return out / times[bound], bound
 
 
 def table(results: dict) -> str:
@@ -50,9 +60,10 @@ def table(results: dict) -> str:
             tok, idle = jp[w]["output_tokens_per_s"], jp[w]["device_idle_fraction"]
             ref = _hf_tok_s(hf, w)
             parts = [f"{tok / ref:.1f}x HF (static batch 128)"] if ref else []
-            bound = compute_bound(jp, w, results["ceilings"])
-            if bound:
-                parts.append(f"compute bound {bound:,.0f} tok/s (jaxpaged at {tok / bound:.0%})")
+            roof = throughput_roofline(jp, w, results["ceilings"])
+            if roof:
+                parts.append(f"roofline {roof[0]:,.0f} tok/s ({roof[1]}-bound; jaxpaged at "
+                             f"{tok / roof[0]:.0%})")  # fmt: skip
             rows.append(
                 f"| {model} | ({w}) output tok/s (device idle {idle:.0%}) | {_num(tok)} "
                 f"| {_num(ref)} | {'; '.join(parts)} |"
@@ -143,10 +154,11 @@ def render(results: dict, out_dir: str) -> list[str]:
             if refs:
                 ax.bar([i + 0.2 for i, _ in refs], [v for _, v in refs], 0.4,
                        label="HF generate (batch 128)")  # fmt: skip
-            bounds = [(i, compute_bound(jp, w, c)) for i, w in enumerate(names)]
-            if any(b for _, b in bounds):
-                ax.scatter([i for i, b in bounds if b], [b for _, b in bounds if b], marker="_",
-                           s=400, color="k", label="compute bound")  # fmt: skip
+            roofs = [(i, throughput_roofline(jp, w, c)) for i, w in enumerate(names)]
+            roofs = [(i, r[0]) for i, r in roofs if r]
+            if roofs:
+                ax.scatter([i for i, _ in roofs], [v for _, v in roofs], marker="_", s=400,
+                           color="k", label="roofline (compute or memory)")  # fmt: skip
             ax.set_xticks(list(xs), [f"({w})" for w in names])
             ax.set_ylabel("output tokens / s")
             written.append(_save(fig, ax, f"{model}: offline throughput\n{meta}",

@@ -83,6 +83,10 @@ def run_throughput(llm, args) -> dict:
     elapsed = time.perf_counter() - start
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     num_in = sum(len(p) for p in prompts)
+    # Cached tokens the decode steps' attention reads: output j >= 1 of a prompt of n tokens
+    # is computed at context n + j.
+    outs_in = [(len(o.outputs[0].token_ids), len(p)) for o, p in zip(outs, prompts, strict=True)]
+    kv_reads = sum((m - 1) * n + m * (m - 1) // 2 for m, n in outs_in if m)
     return {
         "requests_per_s": len(outs) / elapsed,
         "output_tokens_per_s": num_out / elapsed,
@@ -91,6 +95,7 @@ def run_throughput(llm, args) -> dict:
         "num_requests": len(outs),
         "num_input_tokens": num_in,
         "num_output_tokens": num_out,
+        "decode_kv_token_reads": kv_reads,
     }
 
 

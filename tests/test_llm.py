@@ -7,6 +7,7 @@ cache compiles each bucket once.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 
 import jax
@@ -410,3 +411,27 @@ def test_a_failed_penalty_reset_on_the_launcher_thread_fails_the_next_step(hf_mo
     with pytest.raises(RuntimeError, match="penalty state") as info:
         llm.generate([[3, 4, 5]], params, use_tqdm=False)
     assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_bench_throughput_cli_reports_what_it_generated(hf_model_dir, tmp_path):
+    """`jaxpaged bench throughput` runs N random-length requests to their exact lengths and
+    writes the counts the roofline needs."""
+    from jaxpaged import cli
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "throughput", "--model", hf_model_dir[0], "--dtype", "float32",
+            "--num-prompts", "5", "--random-range", "3", "9", "--max-model-len", str(MAX_LEN),
+            "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--num-kv-blocks", "40",
+            "--output-json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    res = json.loads(out.read_text())["result"]
+    from jaxpaged.bench import make_requests
+
+    prompts, params = make_requests(5, 0, 0, VOCAB, 0, (3, 9))
+    assert res["num_requests"] == 5
+    assert res["num_input_tokens"] == sum(map(len, prompts))
+    assert res["num_output_tokens"] == sum(p.max_tokens for p in params)
+    pairs = zip(prompts, params, strict=True)
+    reads = sum(sum(len(q) + j for j in range(1, p.max_tokens)) for q, p in pairs)
+    assert res["decode_kv_token_reads"] == reads
+    assert res["output_tokens_per_s"] > 0 and res["num_buckets"] > 0

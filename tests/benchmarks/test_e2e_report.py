@@ -37,17 +37,26 @@ def test_report_of_the_8b_run_with_its_baselines(tmp_path):
     assert "| 13.64 | | 1.82x floor (7.49 ms); plain XLA 17.83 ms" in report
 
 
-def test_compute_bound_and_the_hf_ratio_of_each_throughput_workload():
+def test_throughput_roofline_and_the_hf_ratio_of_each_throughput_workload():
     """(b) on the 8B shape: 1000 x 255 token passes through 6.98 B layer parameters and 128,000
     lm_head rows, 3.69 PFLOP; at 774 TFLOP/s at least 4.77 s, so at most ~26,800 tok/s."""
     wl = {"num_requests": 1000, "num_input_tokens": 128_000, "num_output_tokens": 128_000,
           "output_tokens_per_s": 14_000.0, "device_idle_fraction": 0.0}  # fmt: skip
-    jp = {"layer_params": 6.98e9, "lm_head_params": 128256 * 4096, "b": wl, "c": dict(wl)}
+    jp = {"layer_params": 6.98e9, "lm_head_params": 128256 * 4096, "b": wl,
+          "weight_bytes": 16.06e9, "kv_bytes_per_token": 131072}  # fmt: skip
     ceilings = {"matmul_TFLOPs": 774.0, "copy_GBps": 3282.0}
-    bound = e2e_report.compute_bound(jp, "b", ceilings)
-    assert 26_700 < bound < 26_900
-    assert e2e_report.compute_bound(jp, "a", ceilings) is None  # not run
-    assert e2e_report.compute_bound({"b": wl}, "b", ceilings) is None  # no parameter counts
+    bound, kind = e2e_report.throughput_roofline(jp, "b", ceilings)
+    assert 26_700 < bound < 26_900 and kind == "compute"
+    assert e2e_report.throughput_roofline(jp, "a", ceilings) is None  # not run
+    assert e2e_report.throughput_roofline({"b": wl}, "b", ceilings) is None  # no parameters
+    # (c) 1000 x 1024/512 with 256 sequences a step: the decode steps read 654.08 M cached
+    # tokens (85.7 TB) and the weights at least 2000 times (32.1 TB): >= 35.9 s, so memory
+    # bounds it (compute: 21.97 PFLOP, 28.4 s) at ~14,260 tok/s.
+    jp["c"] = dict(wl, num_input_tokens=1_024_000, num_output_tokens=512_000,
+                   decode_kv_token_reads=1000 * (511 * 1024 + 512 * 511 // 2))  # fmt: skip
+    jp["engine_args"] = {"max_num_seqs": 256, "max_num_batched_tokens": 2048}
+    bound, kind = e2e_report.throughput_roofline(jp, "c", ceilings)
+    assert 14_200 < bound < 14_320 and kind == "memory"
     hf = {
         "b_batch128": {"output_tokens_per_s": 3_500.0},
         "c_batch128": {"output_tokens_per_s": 2_000.0},
@@ -56,4 +65,5 @@ def test_compute_bound_and_the_hf_ratio_of_each_throughput_workload():
     table = e2e_report.table(results)
     assert "| m | (b) output tok/s (device idle 0%) | 14,000 | 3,500 | 4.0x HF" in table
     assert "| m | (c) output tok/s (device idle 0%) | 14,000 | 2,000 | 7.0x HF" in table
-    assert "(jaxpaged at 52%)" in table
+    assert "(compute-bound; jaxpaged at 52%)" in table
+    assert "(memory-bound; jaxpaged at 98%)" in table
