@@ -122,7 +122,7 @@ def _save(fig, ax, title: str, path: str) -> str:
     import matplotlib.pyplot as plt
 
     ax.set_title(title, fontsize=8)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -159,6 +159,8 @@ def render(results: dict, out_dir: str) -> list[str]:
             if roofs:
                 ax.scatter([i for i, _ in roofs], [v for _, v in roofs], marker="_", s=400,
                            color="k", label="roofline (compute or memory)")  # fmt: skip
+            top = max([jp[w]["output_tokens_per_s"] for w in names] + [v for _, v in refs + roofs])
+            ax.set_ylim(0, 1.4 * top)  # room for the legend above the roofline marks
             ax.set_xticks(list(xs), [f"({w})" for w in names])
             ax.set_ylabel("output tokens / s")
             written.append(_save(fig, ax, f"{model}: offline throughput\n{meta}",
