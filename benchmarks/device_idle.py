@@ -1,7 +1,7 @@
 """Device idle share of steady decode steps, read from the device's own timeline.
 
     PYTHONPATH=. python benchmarks/device_idle.py --out $OUT [--model llama3-8b] [--smoke]
-        [--points B1_ctx512,B128_ctx512] [--no-xla]
+        [--points B1_ctx512,B128_ctx512,P256_in128] [--no-xla]
 
 e2e_gpu.py's idle probe sees host gaps between steps only. A launch-bound step also leaves
 the device waiting inside the step, for kernels the host has not launched yet. Here, per
@@ -14,7 +14,8 @@ untraced run of the same point times the steps with graphs on (`graphs_on`).
 The same traces also give where the device time goes: every stream event's kernel name,
 summed per step (`kernels`), and the sums by kind (`kinds`: matmul, attention, ...). The plain
 unrolled-XLA step of benchmarks/xla_decode_baseline.py is traced at the same points, so the
-two steps' kernels can be set side by side.
+two steps' kernels can be set side by side. Prefill points (P256_in128) trace the
+chunked-prefill steps of a batch of prompts submitted at once instead (no XLA baseline).
 Results: $OUT/device_idle.json.
 """
 
@@ -32,6 +33,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 POINTS = {"B1_ctx512": (1, 512), "B32_ctx1024": (32, 1024), "B128_ctx512": (128, 512)}
+# Prefill points, "P<prompts>_in<len>": chunked-prefill steps (traced_prefill).
+PREFILL_POINTS = {"P256_in128": (256, 128)}
 
 
 def busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, float]:
@@ -181,16 +184,29 @@ def traced_decode(llm, batch: int, ctx: int, num_out: int, trace_dir: str | None
     the prefill steps. With a trace_dir, trace them: the device's idle share over the traced
     span and its kernels. Without, time them with CUDA graphs on: the host time inside each
     step's call (its launch) and the time between the starts of consecutive steps."""
+    prompt_len = ctx - num_out // 2
+    first = 8 + -(-batch * prompt_len // llm.config.scheduler.max_num_batched_tokens)
+    return traced_steps(llm, batch, prompt_len, num_out, first, 32, trace_dir)
+
+
+def traced_prefill(llm, batch: int, prompt_len: int, trace_dir: str | None) -> dict:
+    """As traced_decode, for the chunked-prefill steps of `batch` prompts submitted at once
+    (workload (b)'s first wave): 8 steps from the 3rd, each a full max_num_batched_tokens
+    step of prompt chunks with the finished prompts' first decodes."""
+    # Other prompts for the untraced run: the traced run's are in the prefix cache.
+    return traced_steps(llm, batch, prompt_len, 4, 3, 8, trace_dir, seed=0 if trace_dir else 1)
+
+
+def traced_steps(llm, batch, prompt_len, num_out, first, num_steps, trace_dir, seed=0) -> dict:
+    """Generate from `batch` random prompts and trace (or time) steps first..first+n-1."""
     import jax
     import numpy as np
 
     from jaxpaged.sampling_params import SamplingParams
 
     runner = llm.model_runner
-    run_step, count, starts, calls = runner._run_step, [0], [], []
-    prompt_len = ctx - num_out // 2
-    first = 8 + -(-batch * prompt_len // llm.config.scheduler.max_num_batched_tokens)
-    last = first + 31
+    run_step, count, starts, calls, keys = runner._run_step, [0], [], [], []
+    last = first + num_steps - 1
 
     def traced(key, *args):
         count[0] += 1
@@ -201,12 +217,13 @@ def traced_decode(llm, batch: int, ctx: int, num_out: int, trace_dir: str | None
         if first <= count[0] <= last:
             starts.append(t0)
             calls.append(time.perf_counter() - t0)
+            keys.append(list(key))
         if count[0] == last and trace_dir:
             jax.block_until_ready(out)
             jax.profiler.stop_trace()
         return out
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, llm.config.model.vocab_size, prompt_len).tolist()
                for _ in range(batch)]  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=num_out, ignore_eos=True)
@@ -218,7 +235,7 @@ def traced_decode(llm, batch: int, ctx: int, num_out: int, trace_dir: str | None
         del runner._run_step
         if trace_dir and first <= count[0] < last:  # fewer steps than the window
             jax.profiler.stop_trace()
-    res = {"steps": count[0], "wall_s": time.perf_counter() - start}
+    res = {"steps": count[0], "wall_s": time.perf_counter() - start, "buckets": keys}
     if not trace_dir:
         gaps = np.diff(starts) * 1e3
         med = lambda xs: float(np.median(xs)) if len(xs) else None  # noqa: E731
@@ -254,8 +271,10 @@ def main() -> None:
     ap.add_argument("--xla-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     points = {"B1_ctx64": (1, 64), "B4_ctx64": (4, 64)} if args.smoke else POINTS
+    prefill = {"P8_in32": (8, 32)} if args.smoke else PREFILL_POINTS
     if args.points:
-        points = {k: points[k] for k in args.points.split(",")}
+        points = {k: points[k] for k in args.points.split(",") if k in points}
+        prefill = {k: prefill[k] for k in args.points.split(",") if k in prefill}
     if args.xla_child:
         res = {name: traced_xla(args.model, b, ctx, tempfile.mkdtemp(prefix="trace-xla-"),
                                 args.smoke) for name, (b, ctx) in points.items()}  # fmt: skip
@@ -288,6 +307,12 @@ def main() -> None:
     for name, (batch, ctx) in points.items():
         res = traced_decode(llm, batch, ctx, 64, tempfile.mkdtemp(prefix="trace-"))
         res["graphs_on"] = traced_decode(llm, batch, ctx, 64, None)
+        results["points"][name] = res
+        print(name, json.dumps(res)[:2000], flush=True)
+        save()
+    for name, (batch, prompt_len) in prefill.items():
+        res = traced_prefill(llm, batch, prompt_len, tempfile.mkdtemp(prefix="trace-"))
+        res["graphs_on"] = traced_prefill(llm, batch, prompt_len, None)
         results["points"][name] = res
         print(name, json.dumps(res)[:2000], flush=True)
         save()
