@@ -32,7 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-POINTS = {"B1_ctx512": (1, 512), "B32_ctx1024": (32, 1024), "B128_ctx512": (128, 512)}
+POINTS = {"B1_ctx512": (1, 512), "B32_ctx1024": (32, 1024), "B128_ctx512": (128, 512),
+          "B256_ctx192": (256, 192)}  # the last: (b)'s decode steps  # fmt: skip
 # Prefill points, "P<prompts>_in<len>": chunked-prefill steps (traced_prefill).
 PREFILL_POINTS = {"P256_in128": (256, 128)}
 
