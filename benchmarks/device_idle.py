@@ -187,15 +187,16 @@ def traced_decode(llm, batch: int, ctx: int, num_out: int, trace_dir: str | None
     step's call (its launch) and the time between the starts of consecutive steps."""
     prompt_len = ctx - num_out // 2
     first = 8 + -(-batch * prompt_len // llm.config.scheduler.max_num_batched_tokens)
-    return traced_steps(llm, batch, prompt_len, num_out, first, 32, trace_dir)
+    seed = 0 if trace_dir else 1  # the untraced run's prompts: not in the prefix cache
+    return traced_steps(llm, batch, prompt_len, num_out, first, 32, trace_dir, seed)
 
 
 def traced_prefill(llm, batch: int, prompt_len: int, trace_dir: str | None) -> dict:
     """As traced_decode, for the chunked-prefill steps of `batch` prompts submitted at once
     (workload (b)'s first wave): 8 steps from the 3rd, each a full max_num_batched_tokens
     step of prompt chunks with the finished prompts' first decodes."""
-    # Other prompts for the untraced run: the traced run's are in the prefix cache.
-    return traced_steps(llm, batch, prompt_len, 4, 3, 8, trace_dir, seed=0 if trace_dir else 1)
+    seed = 0 if trace_dir else 1  # as in traced_decode
+    return traced_steps(llm, batch, prompt_len, 4, 3, 8, trace_dir, seed)
 
 
 def traced_steps(llm, batch, prompt_len, num_out, first, num_steps, trace_dir, seed=0) -> dict:
@@ -274,8 +275,12 @@ def main() -> None:
     points = {"B1_ctx64": (1, 64), "B4_ctx64": (4, 64)} if args.smoke else POINTS
     prefill = {"P8_in32": (8, 32)} if args.smoke else PREFILL_POINTS
     if args.points:
-        points = {k: points[k] for k in args.points.split(",") if k in points}
-        prefill = {k: prefill[k] for k in args.points.split(",") if k in prefill}
+        wanted = args.points.split(",")
+        unknown = [k for k in wanted if k not in points and k not in prefill]
+        if unknown:
+            ap.error(f"unknown points {unknown}; known: {list(points) + list(prefill)}")
+        points = {k: points[k] for k in wanted if k in points}
+        prefill = {k: prefill[k] for k in wanted if k in prefill}
     if args.xla_child:
         res = {name: traced_xla(args.model, b, ctx, tempfile.mkdtemp(prefix="trace-xla-"),
                                 args.smoke) for name, (b, ctx) in points.items()}  # fmt: skip
@@ -288,7 +293,7 @@ def main() -> None:
         with open(path, "w") as fh:
             json.dump(results, fh, indent=2)
 
-    if not args.no_xla:
+    if not args.no_xla and points:  # the XLA step has no prefill points
         results["xla"] = _xla_points(args.model, points, args.smoke)
         print("xla", json.dumps(results["xla"])[:2000], flush=True)
         save()

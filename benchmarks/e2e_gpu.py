@@ -217,6 +217,10 @@ def part_jaxpaged(
     embeds = head if c.tie_word_embeddings else 2 * head
     res["layer_params"] = sum(x.size for x in leaves) - embeds
     res["lm_head_params"] = head
+    # A step gathers rows of an untied input embedding table; it reads all other weights.
+    table = llm.model_runner.params["embed"]["embedding"]
+    unread = 0 if c.tie_word_embeddings else table.nbytes
+    res["step_weight_bytes"] = res["weight_bytes"] - unread
     res["kv_bytes_per_token"] = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
     return res
 

@@ -25,6 +25,22 @@ def _hf_tok_s(hf: dict, workload: str) -> float | None:
     return hf.get(f"{workload}_batch128", {}).get("output_tokens_per_s")
 
 
+def step_weight_bytes(jp: dict) -> int:
+    """The weight bytes a step must read: all but an untied input embedding table, of which a
+    step gathers only its tokens' rows (a tied table is the lm_head, read whole). Runs before
+    the parameter counts were recorded count every weight byte; runs with the counts but
+    without `step_weight_bytes` (2026-12-02 evening) are told apart by which of layers +
+    head or layers + 2 x head divides the bytes."""
+    if "step_weight_bytes" in jp:
+        return jp["step_weight_bytes"]
+    if "layer_params" not in jp:
+        return jp["weight_bytes"]
+    layers, head, total = jp["layer_params"], jp["lm_head_params"], jp["weight_bytes"]
+    if total % (layers + 2 * head) == 0:  # untied
+        return total - head * (total // (layers + 2 * head))
+    return total
+
+
 def throughput_roofline(jp: dict, workload: str, ceilings: dict) -> tuple[float, str] | None:
     """(most output tok/s, "compute" or "memory") on a throughput workload at the measured
     matmul rate and copy bandwidth; the time is at least the larger of
@@ -35,6 +51,8 @@ def throughput_roofline(jp: dict, workload: str, ceilings: dict) -> tuple[float,
     w = jp.get(workload, {})
     if "layer_params" not in jp or "num_input_tokens" not in w:
         return None
+    if "matmul_TFLOPs" not in ceilings or "copy_GBps" not in ceilings:  # ceilings part failed
+        return None
     out = w["num_output_tokens"]
     passes = w["num_input_tokens"] + out - w["num_requests"]  # the last token is not fed
     flops = 2 * jp["layer_params"] * passes + 2 * jp["lm_head_params"] * out
@@ -42,10 +60,12 @@ def throughput_roofline(jp: dict, workload: str, ceilings: dict) -> tuple[float,
     if "decode_kv_token_reads" in w and "engine_args" in jp:
         e = jp["engine_args"]
         steps = max(out / e["max_num_seqs"], passes / e["max_num_batched_tokens"])
-        moved = w["decode_kv_token_reads"] * jp["kv_bytes_per_token"] + steps * jp["weight_bytes"]
+        moved = w["decode_kv_token_reads"] * jp["kv_bytes_per_token"] + steps * step_weight_bytes(
+            jp
+        )
         times["memory"] = moved / (ceilings["copy_GBps"] * 1e9)
     bound = max(times, key=times.get)
-    return out / times[bound], bound
+    return out / times[bound], bound if len(times) == 2 else "compute only, no KV counts"
 
 
 def table(results: dict) -> str:
@@ -62,7 +82,8 @@ def table(results: dict) -> str:
             parts = [f"{tok / ref:.1f}x HF (static batch 128)"] if ref else []
             roof = throughput_roofline(jp, w, results["ceilings"])
             if roof:
-                parts.append(f"roofline {roof[0]:,.0f} tok/s ({roof[1]}-bound; jaxpaged at "
+                kind = f"{roof[1]}-bound" if roof[1] in ("compute", "memory") else roof[1]
+                parts.append(f"roofline {roof[0]:,.0f} tok/s ({kind}; jaxpaged at "
                              f"{tok / roof[0]:.0%})")  # fmt: skip
             rows.append(
                 f"| {model} | ({w}) output tok/s (device idle {idle:.0%}) | {_num(tok)} "
@@ -70,7 +91,7 @@ def table(results: dict) -> str:
             )
         for key in [k for k in jp if k.startswith("d_ctx")]:
             ms, ctx = jp[key]["per_output_token_ms"], int(key[5:])
-            floor = (jp["weight_bytes"] + jp["kv_bytes_per_token"] * ctx) / bw * 1e3
+            floor = (step_weight_bytes(jp) + jp["kv_bytes_per_token"] * ctx) / bw * 1e3
             ref = hf.get("d_ctx512", {}).get("output_tokens_per_s") if ctx == 512 else None
             rows.append(
                 f"| {model} | (d) ms/token, ctx {ctx} | {ms:.2f} | "
@@ -87,7 +108,7 @@ def table(results: dict) -> str:
         sync = jp.get("sync", {})
         for key, val in jp.get("decode_steps", {}).items():
             b, ctx = (int(x) for x in key[1:].split("_ctx"))
-            floor = (jp["weight_bytes"] + jp["kv_bytes_per_token"] * b * ctx) / bw * 1e3
+            floor = (step_weight_bytes(jp) + jp["kv_bytes_per_token"] * b * ctx) / bw * 1e3
             base = xla.get(key, {})
             sy = sync.get("decode_steps", {}).get(key, {})
             rows.append(
@@ -113,7 +134,7 @@ def _decode_points(results: dict, model: str) -> list[tuple[str, float, float | 
     out = []
     for key, val in jp.get("decode_steps", {}).items():
         b, ctx = (int(x) for x in key[1:].split("_ctx"))
-        floor = (jp["weight_bytes"] + jp["kv_bytes_per_token"] * b * ctx) / bw * 1e3
+        floor = (step_weight_bytes(jp) + jp["kv_bytes_per_token"] * b * ctx) / bw * 1e3
         out.append((key, val["ms_per_step"], xla.get(key, {}).get("ms_per_step"), floor))
     return out
 

@@ -453,16 +453,21 @@ class ModelRunner:
         loaded_s = time.perf_counter() - start
         bar = tqdm(total=len(todo), desc="Compiling step buckets", disable=not show_progress)
         fresh, futures = {}, {}
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
             for name in todo:
                 fn, args, statics = todo_all[name]
                 futures[name] = pool.submit(compile_fresh, fn.lower(*args, **statics))
+                futures[name].add_done_callback(lambda _: bar.update(1))
             traced_s = time.perf_counter() - start - loaded_s
             for name, fut in futures.items():
                 compiled[name], fresh[name] = fut.result()
-                bar.update(1)
-        bar.close()
-        compiled_s = time.perf_counter() - start - loaded_s - traced_s
+        finally:  # a failed trace or compile: drop the compiles not started yet
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+        # Tracing competes with the compiling threads for the CPU, so trace_s is the time
+        # to trace everything while compiling; compile_tail_s, the compiling left after.
+        compile_tail_s = time.perf_counter() - start - loaded_s - traced_s
         for name in todo:
             if fresh[name]:
                 self._store(cache_keys[name], compiled[name])
@@ -483,7 +488,7 @@ class ModelRunner:
             "buckets_loaded": sum(loaded[k] is not None for k in keys),
             "buckets_compiled": sum(loaded[k] is None for k in keys),
             "executables_loaded": len(names) - len(todo), "executables_compiled": len(todo),
-            "load_s": loaded_s, "trace_s": traced_s, "compile_s": compiled_s,
+            "load_s": loaded_s, "trace_s": traced_s, "compile_tail_s": compile_tail_s,
             "total_s": total,
         }  # fmt: skip
         logger.info("step buckets: %s", self.compile_stats)
