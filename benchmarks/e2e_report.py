@@ -191,7 +191,8 @@ def render(results: dict, out_dir: str) -> list[str]:
             fig, ax = plt.subplots(figsize=(6, 3.5))
             xs = range(len(points))
             ax.bar([x - 0.27 for x in xs], [p[1] for p in points], 0.27, label="jaxpaged")
-            ax.bar([x for x in xs], [p[2] or 0 for p in points], 0.27, label="plain XLA step")
+            if any(p[2] for p in points):  # the plain XLA step, where it ran
+                ax.bar([x for x in xs], [p[2] or 0 for p in points], 0.27, label="plain XLA step")
             ax.bar([x + 0.27 for x in xs], [p[3] for p in points], 0.27, label="roofline floor")
             ax.set_xticks(list(xs), [p[0] for p in points], fontsize=8)
             ax.set_ylabel("ms per decode step")
