@@ -187,19 +187,17 @@ def traced_decode(llm, batch: int, ctx: int, num_out: int, trace_dir: str | None
     step's call (its launch) and the time between the starts of consecutive steps."""
     prompt_len = ctx - num_out // 2
     first = 8 + -(-batch * prompt_len // llm.config.scheduler.max_num_batched_tokens)
-    seed = 0 if trace_dir else 1  # the untraced run's prompts: not in the prefix cache
-    return traced_steps(llm, batch, prompt_len, num_out, first, 32, trace_dir, seed)
+    return traced_steps(llm, batch, prompt_len, num_out, first, 32, trace_dir)
 
 
 def traced_prefill(llm, batch: int, prompt_len: int, trace_dir: str | None) -> dict:
     """As traced_decode, for the chunked-prefill steps of `batch` prompts submitted at once
     (workload (b)'s first wave): 8 steps from the 3rd, each a full max_num_batched_tokens
     step of prompt chunks with the finished prompts' first decodes."""
-    seed = 0 if trace_dir else 1  # as in traced_decode
-    return traced_steps(llm, batch, prompt_len, 4, 3, 8, trace_dir, seed)
+    return traced_steps(llm, batch, prompt_len, 4, 3, 8, trace_dir)
 
 
-def traced_steps(llm, batch, prompt_len, num_out, first, num_steps, trace_dir, seed=0) -> dict:
+def traced_steps(llm, batch, prompt_len, num_out, first, num_steps, trace_dir) -> dict:
     """Generate from `batch` random prompts and trace (or time) steps first..first+n-1."""
     import jax
     import numpy as np
@@ -225,7 +223,7 @@ def traced_steps(llm, batch, prompt_len, num_out, first, num_steps, trace_dir, s
             jax.profiler.stop_trace()
         return out
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0 if trace_dir else 1)  # untraced: prompts not yet cached
     prompts = [rng.integers(0, llm.config.model.vocab_size, prompt_len).tolist()
                for _ in range(batch)]  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=num_out, ignore_eos=True)

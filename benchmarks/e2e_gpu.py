@@ -334,7 +334,7 @@ def main() -> None:
         cache = tempfile.mkdtemp(prefix="xla-cache-")
         r = results["models"][model] = {}
         payload = {"model": model, "smoke": args.smoke, "cache_dir": cache,
-                   "workloads": args.workloads.split(","), "max_num_seqs": args.max_num_seqs,
+                   "workloads": wanted, "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens}  # fmt: skip
         parts = [
             ("jaxpaged", "jaxpaged", dict(payload, sync_compare=args.sync_compare)),

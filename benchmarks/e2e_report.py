@@ -60,9 +60,8 @@ def throughput_roofline(jp: dict, workload: str, ceilings: dict) -> tuple[float,
     if "decode_kv_token_reads" in w and "engine_args" in jp:
         e = jp["engine_args"]
         steps = max(out / e["max_num_seqs"], passes / e["max_num_batched_tokens"])
-        moved = w["decode_kv_token_reads"] * jp["kv_bytes_per_token"] + steps * step_weight_bytes(
-            jp
-        )
+        kv_bytes = w["decode_kv_token_reads"] * jp["kv_bytes_per_token"]
+        moved = kv_bytes + steps * step_weight_bytes(jp)
         times["memory"] = moved / (ceilings["copy_GBps"] * 1e9)
     bound = max(times, key=times.get)
     return out / times[bound], bound if len(times) == 2 else "compute only, no KV counts"
@@ -171,12 +170,11 @@ def render(results: dict, out_dir: str) -> list[str]:
             xs = range(len(names))
             ax.bar([x - 0.2 for x in xs], [jp[w]["output_tokens_per_s"] for w in names], 0.4,
                    label="jaxpaged")  # fmt: skip
-            refs = [(i, _hf_tok_s(hf, w)) for i, w in enumerate(names) if _hf_tok_s(hf, w)]
+            refs = [(i, v) for i, w in enumerate(names) if (v := _hf_tok_s(hf, w))]
             if refs:
                 ax.bar([i + 0.2 for i, _ in refs], [v for _, v in refs], 0.4,
                        label="HF generate (batch 128)")  # fmt: skip
-            roofs = [(i, throughput_roofline(jp, w, c)) for i, w in enumerate(names)]
-            roofs = [(i, r[0]) for i, r in roofs if r]
+            roofs = [(i, r[0]) for i, w in enumerate(names) if (r := throughput_roofline(jp, w, c))]
             if roofs:
                 ax.scatter([i for i, _ in roofs], [v for _, v in roofs], marker="_", s=400,
                            color="k", label="roofline (compute or memory)")  # fmt: skip
