@@ -8,9 +8,16 @@
 2. Engine: one greedy stream of 128 tokens, async and sync scheduling, with every host
    stage timed per step (schedule, dispatch's input build / device_put / executable call,
    collect's wait, update) and the device-idle share.
-3. With --dump-ops: XLA's optimised HLO of the step is dumped and the top-level
+3. With --points (e.g. B256_ctx192, workload (b)'s decode steps): the same stage timing on
+   the throughput engine (256 seqs / 2048 tokens) for B greedy streams of context ~ctx, the
+   period between step starts, and a replay: the last decode-only step's executable call
+   made 32 times back to back with the same inputs, so its period is the device's own step
+   time with CUDA graphs on. Step period - replay period = what the host path adds.
+   With --points only these run (not 1 and 2).
+4. With --dump-ops: XLA's optimised HLO of the step is dumped and the top-level
    instructions of its entry computation (each one a kernel launch, a library call or a
-   copy for the XLA:GPU runtime) are counted by kind, per step and per layer.
+   copy for the XLA:GPU runtime) are counted by kind, per step and per layer; the optimised
+   largest decode-only forward is saved as $OUT/hlo_decode.tar.gz.
 With the runner's launcher thread (the GPU default), "dispatch" is the engine thread's part
 (diffs, input build, hand-off); "_stage_inputs" (the transfer) and "executable_call" run on
 the launcher thread, and "collect" includes waiting for the call to return.
@@ -21,9 +28,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
+import re
 import sys
+import tarfile
 import time
 from collections import defaultdict
 
@@ -123,11 +133,99 @@ def engine_stages(llm, async_on: bool, num_tokens: int) -> dict:
     return res
 
 
+@contextlib.contextmanager
+def timed_values(table: dict, label: str, times: dict):
+    """Time every call of the callables in `table` (an executable dict) under `label`."""
+    original = dict(table)
+
+    def wrap(fn):
+        def call(*args, **kwargs):
+            c0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times[label].append(time.perf_counter() - c0)
+
+        return call
+
+    table.update({k: wrap(v) for k, v in original.items()})
+    try:
+        yield
+    finally:
+        table.update(original)
+
+
+def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32) -> dict:
+    """Stage times per decode-only step of `batch` streams at context ~ctx, and the replayed
+    device period of that step (see the module docstring)."""
+    import jax
+    import numpy as np
+
+    from jaxpaged.sampling_params import SamplingParams
+
+    runner, engine = llm.model_runner, llm.engine
+    rng = np.random.default_rng(batch * 7919 + ctx)  # prompts of their own: no cache hits
+    prompts = [rng.integers(0, llm.config.model.vocab_size, ctx - num_out // 2).tolist()
+               for _ in range(batch)]  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=num_out, ignore_eos=True)
+    times, steps, last = defaultdict(list), [], {}
+    run_step = runner._run_step
+
+    def recorded(key, mode, packed):
+        c0 = time.perf_counter()
+        out = run_step(key, mode, packed)
+        decode = key[2] and key[1] >= batch
+        steps.append((c0, decode))
+        if decode:
+            times["launcher_call"].append(time.perf_counter() - c0)
+            last["args"] = (key, mode, packed)
+        return out
+
+    with contextlib.ExitStack() as stack:
+        for obj, name in [(engine.scheduler, "schedule"), (runner, "dispatch"),
+                          (runner, "collect"), (jax, "device_get"),
+                          (engine.scheduler, "update_from_output"),
+                          (engine.output_processor, "process_outputs"),
+                          (runner, "_stage_inputs"), (runner, "_head_copy")]:  # fmt: skip
+            stack.enter_context(timed(obj, name, times))
+        # The launcher's executable calls, by kind (the forward, the sampler).
+        for table, label in [
+            (runner._compiled, "forward_call"),
+            (runner._samplers, "sampler_call"),
+        ]:
+            stack.enter_context(timed_values(table, label, times))
+        runner._run_step = recorded
+        try:
+            llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            del runner._run_step
+    starts = np.array([c for c, decode in steps if decode])
+    res = {k: {"median_ms": 1e3 * float(np.median(v[len(v) // 4 :])), "n": len(v)}
+           for k, v in times.items()}  # fmt: skip
+    res["step_period_ms"] = 1e3 * float(np.median(np.diff(starts[len(starts) // 4 :])))
+    if "args" in last:  # the same step, back to back: the device-bound period
+        outs = [runner._run_step(*last["args"]) for _ in range(2)]
+        jax.block_until_ready(outs)
+        c0 = time.perf_counter()
+        outs = [runner._run_step(*last["args"]) for _ in range(replays)]
+        enqueued = time.perf_counter() - c0
+        jax.block_until_ready(outs)
+        res["replay_period_ms"] = 1e3 * (time.perf_counter() - c0) / replays
+        res["replay_enqueue_ms"] = 1e3 * enqueued / replays
+        serial = []  # one call at a time on an idle device: the launcher's own host cost
+        for _ in range(8):
+            c0 = time.perf_counter()
+            out = runner._run_step(*last["args"])
+            serial.append(time.perf_counter() - c0)
+            jax.block_until_ready(out)
+        res["serial_call_ms"] = 1e3 * float(np.median(serial))
+        # The replays rewrote those blocks' KV: forget them as prefix-cache hits.
+        engine.scheduler.reset_prefix_cache()
+    return res
+
+
 def count_entry_ops(dump_dir: str) -> dict:
     """Opcode counts of the ENTRY computation of each dumped optimised step module."""
-    import glob
-    import re
-
     out = {}
     for path in sorted(glob.glob(os.path.join(dump_dir, "*_forward_fn*after_optimizations.txt"))):
         text = open(path).read()
@@ -147,7 +245,16 @@ def main() -> None:
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--dump-ops", action="store_true")
+    ap.add_argument("--points", default="", help="e.g. B256_ctx192,B128_ctx512 (see docstring)")
+    ap.add_argument("--switch-us", type=float, default=0,
+                    help="with --points: run them again at this GIL switch interval")  # fmt: skip
     args = ap.parse_args()
+    points = {}
+    for name in filter(None, args.points.split(",")):
+        m = re.fullmatch(r"B(\d+)_ctx(\d+)", name)
+        if not m:
+            ap.error(f"bad point {name!r}: expected B<batch>_ctx<context>")
+        points[name] = (int(m[1]), int(m[2]))
     dump_dir = None
     if args.dump_ops:  # before jax initialises its backend
         dump_dir = "/tmp/jaxpaged_hlo_dump"
@@ -155,23 +262,55 @@ def main() -> None:
                                    " --xla_dump_hlo_module_re=.*_forward_fn.*")  # fmt: skip
     from jaxpaged.llm import LLM
 
-    res = {"micro": micro(args.smoke)}
-    print("micro", json.dumps(res["micro"]), flush=True)
-    model, kw = args.model, dict(max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=64)
+    res: dict = {}
+    model = args.model
     if args.smoke:
         from benchmarks.e2e_gpu import _tiny_config_dir
 
-        model, kw = _tiny_config_dir(args.model), dict(kw, num_kv_blocks=200)
-    llm = LLM(model, load_format="dummy", show_progress=False, **kw)
-    n = 16 if args.smoke else 128
-    for mode in ("async", "sync"):
-        res[mode] = engine_stages(llm, mode == "async", n)
-        print(mode, json.dumps(res[mode]), flush=True)
+        model = _tiny_config_dir(args.model)
+    if points:  # the throughput engine, as device_idle.py's
+        kw = dict(max_model_len=4608, max_num_seqs=256, max_num_batched_tokens=2048)
+        if args.smoke:
+            kw = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+                      num_kv_blocks=200)  # fmt: skip
+        llm = LLM(model, load_format="dummy", show_progress=False, **kw)
+        res["points"] = {}
+        for name, (batch, ctx) in points.items():
+            res["points"][name] = point_stages(llm, batch, ctx, 16 if args.smoke else 64)
+            print(name, json.dumps(res["points"][name]), flush=True)
+        if args.switch_us:
+            default = sys.getswitchinterval()
+            sys.setswitchinterval(args.switch_us * 1e-6)
+            for name, (batch, ctx) in points.items():
+                label = f"{name}@switch{args.switch_us:g}us"
+                res["points"][label] = point_stages(llm, batch, ctx, 16 if args.smoke else 64)
+                print(label, json.dumps(res["points"][label]), flush=True)
+            sys.setswitchinterval(default)
+    else:
+        res["micro"] = micro(args.smoke)
+        print("micro", json.dumps(res["micro"]), flush=True)
+        kw = dict(max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=64)
+        if args.smoke:
+            kw = dict(kw, num_kv_blocks=200)
+        llm = LLM(model, load_format="dummy", show_progress=False, **kw)
+        n = 16 if args.smoke else 128
+        for mode in ("async", "sync"):
+            res[mode] = engine_stages(llm, mode == "async", n)
+            print(mode, json.dumps(res[mode]), flush=True)
     if dump_dir:
         res["entry_ops"] = count_entry_ops(dump_dir)
         res["num_layers"] = llm.config.model.num_layers
         for name, counts in res["entry_ops"].items():
             print(name, sum(counts.values()), "top-level ops:", json.dumps(counts), flush=True)
+        # The optimised HLO of the largest decode-only forward (T = max_num_seqs tokens) only:
+        # all of them are over what a run can bring back.
+        t = kw["max_num_seqs"]
+        paths = glob.glob(os.path.join(dump_dir, "*_forward_fn*after_optimizations.txt"))
+        decode = [p for p in paths if f"s32[{t}]" in open(p).read() and
+                  not any(f"s32[{n}]" in open(p).read() for n in (2048, 4096))]  # fmt: skip
+        if decode:
+            with tarfile.open(os.path.join(args.out, "hlo_decode.tar.gz"), "w:gz") as tar:
+                tar.add(max(decode, key=os.path.getsize), arcname="decode_forward.txt")
     with open(os.path.join(args.out, "host_overhead.json"), "w") as f:
         json.dump(res, f, indent=2)
 
