@@ -147,7 +147,7 @@ def _decode_steps(llm, points: dict, num_out: int) -> dict:
 
 
 def _set_async(llm, on: bool) -> None:
-    assert llm.engine._in_flight is None
+    assert not llm.engine._in_flight
     llm.engine.scheduler.async_scheduling = on
 
 
@@ -157,6 +157,8 @@ def part_jaxpaged(
     cache_dir: str,
     workloads: list[str],
     sync_compare: bool = False,
+    compare_depths: tuple[int, ...] = (),
+    compare_workloads: tuple[str, ...] = ("b",),
     max_num_seqs: int = 256,
     max_num_batched_tokens: int = 2048,
 ) -> dict:
@@ -208,6 +210,18 @@ def part_jaxpaged(
                 sync["b"] = bench.run_throughput(llm, argparse.Namespace(seed=0, **specs["b"]))
             sync["b"]["device_idle_fraction"] = _idle_fraction(marks)
         _set_async(llm, True)
+    res["async_depth"] = default_depth = llm.engine.async_depth
+    for depth in compare_depths:  # the same engine at other async depths
+        assert not llm.engine._in_flight
+        llm.engine.async_depth = depth
+        other = res[f"async_depth_{depth}"] = {}
+        for name in [w for w in compare_workloads if w in workloads]:
+            with _idle_probe(llm) as marks:
+                other[name] = bench.run_throughput(llm, argparse.Namespace(seed=0, **specs[name]))
+            other[name]["device_idle_fraction"] = _idle_fraction(marks)
+        if "e" in workloads:
+            other["decode_steps"] = _decode_steps(llm, points, 16 if smoke else 64)
+        llm.engine.async_depth = default_depth
     leaves = __import__("jax").tree.leaves(llm.model_runner.params)
     res["weight_bytes"] = sum(x.nbytes for x in leaves)
     c = llm.config.model
@@ -312,6 +326,11 @@ def main() -> None:
         action="store_true",
         help="also time decode steps and (b) with synchronous scheduling",
     )
+    ap.add_argument(
+        "--compare-depths",
+        default="",
+        help="comma list of async depths to run (b) and the decode steps at as well",
+    )
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument(
@@ -329,6 +348,7 @@ def main() -> None:
                "command": command.replace(args.out, "$OUT")}  # fmt: skip
     print("ceilings", results["ceilings"], flush=True)
     wanted = args.workloads.split(",")
+    depths = [int(d) for d in filter(None, args.compare_depths.split(","))]
     hf_cases = [name for name, _, _ in HF_THROUGHPUT if name[0] in wanted]
     for model in args.models.split(","):
         cache = tempfile.mkdtemp(prefix="xla-cache-")
@@ -337,7 +357,11 @@ def main() -> None:
                    "workloads": wanted, "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens}  # fmt: skip
         parts = [
-            ("jaxpaged", "jaxpaged", dict(payload, sync_compare=args.sync_compare)),
+            (
+                "jaxpaged",
+                "jaxpaged",
+                dict(payload, sync_compare=args.sync_compare, compare_depths=depths),
+            ),  # fmt: skip
             ("jaxpaged_warm", "jaxpaged", dict(payload, workloads=[])),  # same cache dir
             ("hf", "hf", {"model": model, "smoke": args.smoke, "cases": hf_cases}),
             ("xla", "xla", {"model": model, "smoke": args.smoke}),

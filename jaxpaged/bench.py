@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--async-depth", type=int, default=1,
+                   help="dispatched steps unread when the next is scheduled")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
 
@@ -69,7 +71,7 @@ def _build(args):
         max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend, seed=args.seed,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, async_depth=args.async_depth,
     )  # fmt: skip
     return llm, time.perf_counter() - start
 

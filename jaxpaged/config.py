@@ -147,13 +147,23 @@ class SchedulerConfig:
     """Schedule step k+1 while step k runs on the device: each request that samples in step
     k holds one output placeholder, whose token the runner feeds on device (vLLM's async
     scheduling). Per request the same tokens as synchronous scheduling for the same step
-    composition; but a request that stops on a token still takes part in one more step,
-    so steps can be composed differently (budget, preemptions), which with bf16 can move
-    near-tie greedy choices as any batch change does."""
+    composition; but a request that stops on a token still takes part in `async_depth`
+    more steps, so steps can be composed differently (budget, preemptions), which with bf16
+    can move near-tie greedy choices as any batch change does."""
+    async_depth: int = 1
+    """With async_scheduling: how many dispatched steps may still be unread when the next one
+    is scheduled. 1 is vLLM's async scheduling (step k+1 scheduled while k runs); 2 also
+    lets the host prepare and launch step k+2 while k+1 is queued behind k, so a host that
+    needs more than one device step for a step's work still keeps the device fed. On the 8B
+    shape on an H200 it gained nothing (the host was not what held those steps back,
+    docs/benchmarks.md), so it is not the default. A deeper pipeline delays a new request's
+    first step and wastes a stopped request's in-flight steps."""
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}.")
+        if self.async_depth < 1:
+            raise ValueError(f"async_depth must be >= 1, got {self.async_depth}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.max_num_batched_tokens < self.max_num_seqs:

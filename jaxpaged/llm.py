@@ -91,6 +91,7 @@ class LLM:
         attention_backend: str | None = None,
         enable_chunked_prefill: bool = True,
         async_scheduling: bool = True,
+        async_depth: int = 1,
         stable_buffers: bool | None = None,
         show_progress: bool = True,
         tensor_parallel_size: int = 1,
@@ -125,6 +126,7 @@ class LLM:
             policy=scheduling_policy,
             enable_chunked_prefill=enable_chunked_prefill,
             async_scheduling=async_scheduling,
+            async_depth=async_depth,
         )
         self.backend = get_backend(attention_backend or default_backend_name())
         run_config, shardings, plan = self._setup_tp(model_config, tensor_parallel_size)

@@ -31,6 +31,7 @@ _LLM_KWARGS = (
     "tensor_parallel_size",
     "enable_prefix_caching",
     "async_scheduling",
+    "async_depth",
     "num_kv_blocks",
     "seed",
     "distributed_coordinator",
@@ -75,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="overlap scheduling of step k+1 with step k on the device (default on)",
+    )
+    parser.add_argument(
+        "--async-depth",
+        type=int,
+        default=None,
+        help="async: dispatched steps that may be unread when the next is scheduled (default 1)",
     )
     parser.add_argument(
         "--num-kv-blocks",

@@ -219,9 +219,11 @@ def test_kv_pool_is_updated_in_place(tight_llm):
 def test_async_scheduling_gives_the_synchronous_tokens(tight_llm, hf_model_dir):
     """Async scheduling (the default) feeds each sampled token to the next step on device;
     it must not change a single token or logprob, including requests that stop on a token
-    while their next step is already dispatched, preemption and chunked prefill."""
+    while their next steps are already dispatched, preemption and chunked prefill, with one,
+    two or three dispatched steps unread at scheduling time (1 is the default)."""
     sync_llm = _llm(hf_model_dir[0], num_kv_blocks=18, async_scheduling=False)
     assert tight_llm.engine.async_scheduling and not sync_llm.engine.async_scheduling
+    assert tight_llm.engine.async_depth == 1
     rng = np.random.default_rng(6)
     prompts = _prompts(6, [int(n) for n in rng.integers(1, 90, 24)])
     stop_ids = [int(t) for t in rng.integers(0, VOCAB, 40)]
@@ -236,8 +238,25 @@ def test_async_scheduling_gives_the_synchronous_tokens(tight_llm, hf_model_dir):
         )
         for i in range(len(prompts))
     ]  # fmt: skip
-    got = tight_llm.generate(prompts, params, use_tqdm=False)
     want = sync_llm.generate(prompts, params, use_tqdm=False)
+    engine = tight_llm.engine
+    try:
+        for depth in (1, 2, 3):
+            engine.async_depth = depth
+            preemptions = engine.get_stats().scheduler.num_preemptions_total
+            got = tight_llm.generate(prompts, params, use_tqdm=False)
+            assert engine.get_stats().scheduler.num_preemptions_total > preemptions, depth
+            _assert_same_outputs(got, want)
+            assert not engine._in_flight
+    finally:
+        engine.async_depth = 1
+    stats = engine.get_stats().scheduler
+    assert stats.num_free_blocks == tight_llm.config.cache.num_blocks - 1
+    assert not engine.has_unfinished_requests()
+
+
+def _assert_same_outputs(got, want) -> None:
+    """Same tokens, finish reasons and logprobs, request by request."""
     reasons = set()
     for a, b in zip(got, want, strict=True):
         ca, cb = a.outputs[0], b.outputs[0]
@@ -250,10 +269,6 @@ def test_async_scheduling_gives_the_synchronous_tokens(tight_llm, hf_model_dir):
                 for tok in la:
                     assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=1e-5)
     assert reasons == {"stop", "length"}, "both ways of finishing must be exercised"
-    stats = tight_llm.engine.get_stats().scheduler
-    assert stats.num_free_blocks == tight_llm.config.cache.num_blocks - 1
-    assert not tight_llm.engine.has_unfinished_requests()
-    assert tight_llm.engine._in_flight is None
 
 
 def test_second_start_loads_every_bucket_from_the_executable_cache(
@@ -309,10 +324,10 @@ def test_idle_engine_settles_the_step_in_flight_after_an_abort(tight_llm):
     engine.add_request("idle-abort", None, [5, 6, 7], SamplingParams(max_tokens=50))
     engine.step()
     engine.step()
-    assert engine._in_flight is not None
+    assert len(engine._in_flight) == engine.async_depth
     engine.abort_request("idle-abort")
     assert not engine.has_unfinished_requests()
-    assert engine._in_flight is None and not engine.scheduler._scheduled
+    assert not engine._in_flight and not engine.scheduler._scheduled
     engine.step()  # tells the runner to drop the slot
     assert "idle-abort" not in tight_llm.model_runner.input_batch.slot_of
 
@@ -347,13 +362,17 @@ def test_stable_buffers_give_the_same_outputs_at_fixed_device_addresses(tight_ll
     assert compiles == [], "stable buffers compiled during generate"
     used = set(runner._in_bufs)  # every bucket's, made at start-up
     assert used == set(runner._out_bufs) == set(runner._compiled)
-    pointers = {k: (runner._in_bufs[k].unsafe_buffer_pointer(),
-                    runner._out_bufs[k].unsafe_buffer_pointer()) for k in used}  # fmt: skip
+    assert set(runner._logits_bufs) == {k[1] for k in used}
+
+    def addresses(k):
+        return (runner._in_bufs[k].unsafe_buffer_pointer(),
+                runner._out_bufs[k].unsafe_buffer_pointer(),
+                runner._logits_bufs[k[1]].unsafe_buffer_pointer())  # fmt: skip
+
+    pointers = {k: addresses(k) for k in used}
     stable.generate(prompts, params, use_tqdm=False)
     for k in used:
-        now = (runner._in_bufs[k].unsafe_buffer_pointer(),
-               runner._out_bufs[k].unsafe_buffer_pointer())  # fmt: skip
-        assert now == pointers[k], f"bucket {k} moved"
+        assert addresses(k) == pointers[k], f"bucket {k} moved"
 
 
 def test_launcher_thread_makes_every_device_call_and_changes_no_token(

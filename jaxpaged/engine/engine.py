@@ -8,7 +8,9 @@
 
     async scheduling: step() dispatches step k+1 (model_runner.dispatch) before it reads
     step k's tokens (model_runner.collect), so the device runs k+1 while the host updates
-    requests and detokenizes k, and schedules k+2.
+    requests and detokenizes k, and schedules k+2. With async_depth d, up to d dispatched
+    steps are unread when the next is scheduled (d = 1, the default: k+1 while k runs;
+    d = 2: k+2 too, so a slow host step has two device steps to hide behind).
 
 Pure Python: this module never imports jax (the runner is handed in). It is not thread-safe;
 the server's AsyncEngine calls it from a single thread.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +62,11 @@ class Engine:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self._in_flight = None
-        """(SchedulerOutput, runner handle) of the dispatched step not read yet (async)."""
+        self._in_flight: deque[tuple] = deque()
+        """(SchedulerOutput, runner handle) of each dispatched step not read yet (async),
+        oldest first."""
+        self.async_depth = config.scheduler.async_depth
+        """Dispatched steps that may be unread when the next is scheduled (async)."""
 
     @property
     def async_scheduling(self) -> bool:
@@ -197,27 +203,26 @@ class Engine:
         return scheduler_output
 
     def _step_async(self) -> list[RequestOutput]:
-        if self._in_flight is None:
-            first = self._schedule()
-            if first is None:
-                return []
-            self._in_flight = (first, self.model_runner.dispatch(first))
-        scheduler_output, handle = self._in_flight
-        # Schedule and dispatch the next step while this one runs on the device.
-        nxt = self._schedule()
-        self._in_flight = None if nxt is None else (nxt, self.model_runner.dispatch(nxt))
+        # Schedule and dispatch steps while the oldest unread one runs on the device.
+        while len(self._in_flight) <= self.async_depth:
+            nxt = self._schedule()
+            if nxt is None:
+                break
+            self._in_flight.append((nxt, self.model_runner.dispatch(nxt)))
+        if not self._in_flight:
+            return []
+        scheduler_output, handle = self._in_flight.popleft()
         outputs = self._update(scheduler_output, self.model_runner.collect(handle))
         self._settle_if_idle()
         return outputs
 
     def _settle_if_idle(self) -> None:
-        """With no unfinished request, nothing waits for the step in flight: read it now (its
-        results are all dropped), so an idle engine holds no device work or snapshots."""
-        if self._in_flight is None or self.has_unfinished_requests():
-            return
-        scheduler_output, handle = self._in_flight
-        self._in_flight = None
-        self._update(scheduler_output, self.model_runner.collect(handle))
+        """With no unfinished request, nothing waits for the steps in flight: read them now
+        (their results are all dropped), so an idle engine holds no device work or
+        snapshots."""
+        while self._in_flight and not self.has_unfinished_requests():
+            scheduler_output, handle = self._in_flight.popleft()
+            self._update(scheduler_output, self.model_runner.collect(handle))
 
     def _update(self, scheduler_output, runner_output) -> list[RequestOutput]:
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)

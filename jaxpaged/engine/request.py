@@ -70,8 +70,8 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_output_placeholders = 0
-        """Tokens sampled by steps still on the device (async scheduling): at most 1 when
-        schedule() runs, 2 right after it while the previous step is still unread."""
+        """Tokens sampled by steps still on the device (async scheduling): at most
+        async_depth when schedule() runs, one more right after it."""
         self.num_cached_tokens = -1
         """Prompt tokens found in the prefix cache at first admission (-1: not admitted yet)."""
         self.num_preemptions = 0

@@ -65,18 +65,22 @@ class FakeModelRunner:
         return LogprobsLists([[token, *top]], [[lps[0], *lps]], [1])
 
 
-@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+@pytest.fixture(
+    autouse=True, params=[(False, 1), (True, 1), (True, 2)], ids=["sync", "async1", "async2"]
+)
 def async_scheduling(request, monkeypatch):
-    """Every engine test runs with synchronous and with async scheduling."""
+    """Every engine test runs with synchronous scheduling and with async scheduling at
+    depth 1 (one unread step when the next is scheduled, the default) and 2."""
     monkeypatch.setattr(f"{__name__}.ASYNC_SCHEDULING", request.param)
     return request.param
 
 
-ASYNC_SCHEDULING = False
+ASYNC_SCHEDULING = (False, 1)
 
 
 def make_engine(script, num_blocks=64, max_model_len=128, block_size=4, **sched):
-    sched.setdefault("async_scheduling", ASYNC_SCHEDULING)
+    sched.setdefault("async_scheduling", ASYNC_SCHEDULING[0])
+    sched.setdefault("async_depth", ASYNC_SCHEDULING[1])
     tok = build_byte_level_tokenizer()
     model = ModelConfig(
         model_type="llama", vocab_size=len(tok), hidden_size=8, intermediate_size=16,
@@ -165,8 +169,8 @@ def test_stop_string_split_across_tokens_finishes_request(include):
     assert comp.text == ("abc STOP" if include else "abc ")
     assert comp.finish_reason == "stop" and comp.stop_reason == "STOP"
     assert len(comp.token_ids) == len("abc STOP")
-    # Async: the step after the one that produced "P" was dispatched before "P" was seen.
-    assert runner.num_steps == len("abc STOP") + engine.async_scheduling
+    # Async: the steps after the one that produced "P" were dispatched before "P" was seen.
+    assert runner.num_steps == len("abc STOP") + engine.async_scheduling * engine.async_depth
     assert engine.get_stats().scheduler.num_free_blocks == free
     assert not engine.scheduler.has_unfinished_requests()
     assert engine.step() == [] and not runner.num_tokens  # the next step tells the runner

@@ -13,7 +13,7 @@ With async scheduling the loop is pipelined as the engine runs it: step k+1 is s
 
 import dataclasses
 import random
-from collections import Counter
+from collections import Counter, deque
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -187,7 +187,9 @@ def _ends_in_flight(req, max_model_len):
     )
 
 
-def run_workload(sc, cc, seed, num_requests, async_scheduling=False):
+def run_workload(sc, cc, seed, num_requests, async_scheduling=False, depth=1):
+    """Run the workload as the engine does; under async scheduling up to `depth` scheduled
+    steps are not applied yet when the next is scheduled (Engine.async_depth)."""
     rng = random.Random(seed)
     sc = dataclasses.replace(sc, async_scheduling=async_scheduling)
     sched = Scheduler(sc, cc)
@@ -195,7 +197,7 @@ def run_workload(sc, cc, seed, num_requests, async_scheduling=False):
     all_requests = [req for _, req in arrivals]
     runner = FakeRunner(cc.block_size, rng)
     step = 0
-    in_flight = None  # async: (SchedulerOutput, runner output) not applied yet
+    in_flight = deque()  # async: (SchedulerOutput, runner output) not applied yet, oldest first
 
     def update(out, runner_output):
         if out.num_scheduled_tokens and rng.random() < 0.02:  # abort while the step runs
@@ -223,15 +225,16 @@ def run_workload(sc, cc, seed, num_requests, async_scheduling=False):
             # Something always progresses (no deadlock, no idle step), unless every running
             # request's last token is in flight.
             assert all(_ends_in_flight(r, sc.max_model_len) for r in sched.running)
-        for req in sched.requests.values():  # async: step k and k+1 both in flight
-            assert req.num_output_placeholders <= (2 if async_scheduling else 0), req
+        for req in sched.requests.values():  # async: steps k..k+depth all in flight
+            assert req.num_output_placeholders <= (depth + 1 if async_scheduling else 0), req
         check_pool(sched)
         runner.apply(sched, out)
         runner_output = runner.execute(sched, out)
         if async_scheduling:
-            if in_flight is not None:
-                update(*in_flight)
-            in_flight = (out, runner_output) if out.num_scheduled_tokens else None
+            if out.num_scheduled_tokens:
+                in_flight.append((out, runner_output))
+            if len(in_flight) > depth or (in_flight and not out.num_scheduled_tokens):
+                update(*in_flight.popleft())
         else:
             update(out, runner_output)
         step += 1
@@ -266,14 +269,14 @@ def test_scheduler_invariants(config, seed, num_requests):
 
 
 @_property(300)
-@given(**WORKLOADS)
-def test_scheduler_invariants_async(config, seed, num_requests):
+@given(**WORKLOADS, depth=st.integers(1, 3))
+def test_scheduler_invariants_async(config, seed, num_requests, depth):
     sc, cc = config
-    run_workload(sc, cc, seed, num_requests, async_scheduling=True)
+    run_workload(sc, cc, seed, num_requests, async_scheduling=True, depth=depth)
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_fixed_workloads_run_thousands_of_steps(async_scheduling):
+@pytest.mark.parametrize("async_scheduling,depth", [(False, 1), (True, 1), (True, 2)])
+def test_fixed_workloads_run_thousands_of_steps(async_scheduling, depth):
     """A few hand-picked tight configurations, long enough to preempt and evict a lot."""
     total_steps = 0
     for policy in ("fcfs", "priority"):
@@ -281,7 +284,7 @@ def test_fixed_workloads_run_thousands_of_steps(async_scheduling):
             sc = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=12, max_model_len=32,
                                  policy=policy, long_prefill_token_threshold=5)  # fmt: skip
             cc = CacheConfig(block_size=4, num_blocks=10, enable_prefix_caching=caching)
-            steps, sched = run_workload(sc, cc, 1234, 100, async_scheduling)
+            steps, sched = run_workload(sc, cc, 1234, 100, async_scheduling, depth)
             stats = sched.make_stats()
             assert stats.num_preemptions_total > 0
             assert (stats.prefix_cache_hits_total > 0) == caching
