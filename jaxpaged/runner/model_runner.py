@@ -184,13 +184,12 @@ class ModelRunner:
         )
         # Stable buffers: every buffer the step reads or writes keeps its device address
         # from step to step (inputs staged into a donated per-bucket buffer, outputs written
-        # into another, the logits into a donated buffer per row count), so that XLA replays
-        # the step's CUDA graphs (command buffers) without updating them, which it does
-        # whenever an address they use changed. Single device only.
+        # into another), so that XLA replays the step's CUDA graphs (command buffers) without
+        # re-recording them, which it does whenever an address they use changed. Single
+        # device only.
         self.stable_buffers = stable_buffers and mesh_shardings is None
         self._in_bufs: dict[tuple[int, int, bool], jax.Array] = {}
         self._out_bufs: dict[tuple[int, int, bool], jax.Array] = {}
-        self._logits_bufs: dict[int, jax.Array] = {}  # rows -> f32[rows, vocab]
         # The launcher thread makes the executable calls, in order: a step's calls hold
         # their thread while XLA:GPU enqueues its kernels and graphs (1.7 ms at batch 1,
         # 4.1 ms at batch 128 for the 8B shape on an H200 host, docs/benchmarks.md), so the
@@ -214,9 +213,7 @@ class ModelRunner:
         self._stage = jax.jit(_write_into, donate_argnums=0)
         self._head_copy = jax.jit(_head_copy, static_argnums=1)
         self._forward = jax.jit(
-            self._forward_fn,
-            donate_argnames=("kv_caches", "logits_buf"),
-            static_argnames=("layout",),
+            self._forward_fn, donate_argnames=("kv_caches",), static_argnames=("layout",)
         )
         self._sample = jax.jit(
             self._sample_fn,
@@ -261,15 +258,12 @@ class ModelRunner:
             name, self._sample, *self._sample_args(key, mode)
         )
         self._samplers[name] = sampler  # compile_all reuses it
-        self.kv_caches, logits = forward(
-            self.params, self.kv_caches, self.last_tokens, inputs, *self._logits_arg(key)
-        )
+        self.kv_caches, logits = forward(self.params, self.kv_caches, self.last_tokens, inputs)
         self.penalty_state, self.last_tokens, out = sampler(
             logits, self.penalty_state, self.last_tokens, inputs, *self._out_arg(key)
         )
         jax.block_until_ready(out)
         self._out_bufs.pop(key, None)  # donated
-        self._logits_bufs.pop(key[1], None)
         stats = jax.devices()[0].memory_stats() or {}
         return int(stats.get("peak_bytes_in_use", 0))
 
@@ -284,9 +278,7 @@ class ModelRunner:
         return compiled
 
     # ---- the step ---------------------------------------------------------------------
-    def _forward_fn(self, params, kv_caches, last_tokens, packed, logits_buf=None, *, layout):
-        """The step's model pass. logits_buf (stable buffers), donated, gives the logits
-        output its device address: written over whole, it is the output's buffer."""
+    def _forward_fn(self, params, kv_caches, last_tokens, packed, *, layout):
         inputs: StepInputs = unpack(packed, layout)
         st = inputs.sampling
         # Id -1: the token its slot sampled in the previous step, not yet seen by the host.
@@ -297,8 +289,6 @@ class ModelRunner:
             inputs.logits_indices,
         )  # fmt: skip
         logits = logits.astype(jnp.float32)  # the sampler is compiled for f32 logits
-        if logits_buf is not None:
-            logits = jax.lax.dynamic_update_slice(logits_buf, logits, (0, 0))
         if self.shardings is not None:
             # Pin the layouts: the pool stays split (so donation is in place) and the logits
             # are replicated, as the sampler executable takes them.
@@ -340,8 +330,6 @@ class ModelRunner:
     def _forward_args(self, key: tuple[int, int, bool]) -> tuple[tuple, dict]:
         """(arguments, static arguments) to lower bucket `key`'s forward with."""
         args = (self.params, self.kv_caches, self.last_tokens, self._packed_shape(key))
-        if self.stable_buffers:
-            args += (jax.ShapeDtypeStruct((key[1], self.config.vocab_size), jnp.float32),)
         return args, {"layout": self._layout(key)}
 
     def _sample_args(self, key: tuple[int, int, bool], mode: SamplerMode) -> tuple[tuple, dict]:
@@ -390,16 +378,6 @@ class ModelRunner:
             self._out_bufs[key] = self._device_zeros(_out_layout(key[1]).size)
         return (self._out_bufs[key],)
 
-    def _logits_arg(self, key: tuple[int, int, bool]) -> tuple:
-        """() or (the persistent logits buffer of `key`'s row count,), made on first use."""
-        if not self.stable_buffers:
-            return ()
-        rows = key[1]
-        if rows not in self._logits_bufs:
-            zeros = np.zeros((rows, self.config.vocab_size), np.float32)
-            self._logits_bufs[rows] = jax.device_put(zeros, jax.devices()[0])
-        return (self._logits_bufs[rows],)
-
     @staticmethod
     def _device_zeros(size: int) -> jax.Array:
         """int32 zeros committed to the device, as the step's outputs are: the small jits'
@@ -413,7 +391,6 @@ class ModelRunner:
             size = self._layout(key).size
             self._stage_inputs(key, np.zeros(size, np.int32))
             (out_buf,) = self._out_arg(key)
-            self._logits_arg(key)
             for num_leaves in (1, 5):
                 self._head_copy(out_buf, leading_words(_out_layout(key[1]), num_leaves))
 
@@ -605,7 +582,7 @@ class ModelRunner:
             raise RuntimeError("resetting a slot's penalty state failed") from self._launch_error
         inputs = self._stage_inputs(key, packed)
         self.kv_caches, logits = self._compiled[key](
-            self.params, self.kv_caches, self.last_tokens, inputs, *self._logits_arg(key)
+            self.params, self.kv_caches, self.last_tokens, inputs
         )
         sampler = self._samplers[self._sampler_signature(key), mode]
         self.penalty_state, self.last_tokens, out = sampler(
@@ -613,7 +590,6 @@ class ModelRunner:
         )
         if self.stable_buffers:
             self._out_bufs[key] = out
-            self._logits_bufs[key[1]] = logits  # at the donated buffer's address
             n = leading_words(_out_layout(key[1]), 5 if mode.logprobs else 1)
             out = self._head_copy(out, n)
         fetched = (out,) if self.stable_buffers else _fetched(out, mode.logprobs)
