@@ -76,18 +76,23 @@ def micro(smoke: bool) -> dict:
             "device_put_1_array_ms": put1 * 1e3}  # fmt: skip
 
 
+def _timing(fn, label: str, times: dict):
+    """fn, with the duration of every call appended to times[label]."""
+
+    def call(*args, **kwargs):
+        c0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times[label].append(time.perf_counter() - c0)
+
+    return call
+
+
 @contextlib.contextmanager
 def timed(obj, name: str, times: dict):
     original = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        c0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            times[name].append(time.perf_counter() - c0)
-
-    setattr(obj, name, wrapper)
+    setattr(obj, name, _timing(original, name, times))
     try:
         yield
     finally:
@@ -137,18 +142,7 @@ def engine_stages(llm, async_on: bool, num_tokens: int) -> dict:
 def timed_values(table: dict, label: str, times: dict):
     """Time every call of the callables in `table` (an executable dict) under `label`."""
     original = dict(table)
-
-    def wrap(fn):
-        def call(*args, **kwargs):
-            c0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                times[label].append(time.perf_counter() - c0)
-
-        return call
-
-    table.update({k: wrap(v) for k, v in original.items()})
+    table.update({k: _timing(v, label, times) for k, v in original.items()})
     try:
         yield
     finally:

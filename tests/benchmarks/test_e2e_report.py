@@ -37,6 +37,18 @@ def test_report_of_the_8b_run_with_its_baselines(tmp_path):
     assert "| 13.64 | | 1.82x floor (7.49 ms); plain XLA 17.83 ms" in report
 
 
+def test_report_sets_the_other_async_depth_beside_the_run():
+    """Call 7 ran (b) and the decode steps again at async depth 2 (--compare-depths 2)."""
+    with open(RECORDED.replace("e2e_h200_qwen3_async", "e2e_h200_llama3_8b_run7")) as f:
+        results = json.load(f)
+    table = e2e_report.table(results)
+    assert "| llama3-8b | (b) output tok/s (device idle 0%) | 15,033 | 5,170 | 2.9x HF" in table
+    assert "(b) at async depth 2 (the run's: 1): output tok/s (device idle 0%) | 15,361 |" in table
+    assert "decode step B128_ctx512 at async depth 2 (the run's: 1): ms | 8.11 |" in table
+    del results["models"]["llama3-8b"]["jaxpaged"]["async_depth_2"]
+    assert "async depth" not in e2e_report.table(results)
+
+
 def test_throughput_roofline_and_the_hf_ratio_of_each_throughput_workload():
     """(b) on the 8B shape: 1000 x 255 token passes through 6.98 B layer parameters and 128,000
     lm_head rows, 3.69 PFLOP; at 774 TFLOP/s at least 4.77 s, so at most ~26,800 tok/s."""
