@@ -124,6 +124,12 @@ def test_chunked_prefill_off_needs_budget_for_max_model_len():
         make_scheduler(max_num_batched_tokens=16, max_model_len=32, chunked=False)
 
 
+@pytest.mark.parametrize("depth", [0, -1])
+def test_async_depth_below_one_is_refused(depth):
+    with pytest.raises(ValueError, match=rf"async_depth must be >= 1, got {depth}"):
+        SchedulerConfig(async_scheduling=True, async_depth=depth)
+
+
 def test_preemption_fcfs_evicts_last_admitted_and_resumes_from_cache():
     sched = make_scheduler(num_blocks=5)  # 4 usable blocks
     sched.add_request(make_request("a", 8, max_tokens=2))
