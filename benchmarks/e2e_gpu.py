@@ -158,7 +158,6 @@ def part_jaxpaged(
     workloads: list[str],
     sync_compare: bool = False,
     compare_depths: tuple[int, ...] = (),
-    compare_workloads: tuple[str, ...] = ("b",),
     max_num_seqs: int = 256,
     max_num_batched_tokens: int = 2048,
 ) -> dict:
@@ -215,10 +214,10 @@ def part_jaxpaged(
         assert not llm.engine._in_flight
         llm.engine.async_depth = depth
         other = res[f"async_depth_{depth}"] = {}
-        for name in [w for w in compare_workloads if w in workloads]:
+        if "b" in workloads:
             with _idle_probe(llm) as marks:
-                other[name] = bench.run_throughput(llm, argparse.Namespace(seed=0, **specs[name]))
-            other[name]["device_idle_fraction"] = _idle_fraction(marks)
+                other["b"] = bench.run_throughput(llm, argparse.Namespace(seed=0, **specs["b"]))
+            other["b"]["device_idle_fraction"] = _idle_fraction(marks)
         if "e" in workloads:
             other["decode_steps"] = _decode_steps(llm, points, 16 if smoke else 64)
         llm.engine.async_depth = default_depth
@@ -361,7 +360,7 @@ def main() -> None:
                 "jaxpaged",
                 "jaxpaged",
                 dict(payload, sync_compare=args.sync_compare, compare_depths=depths),
-            ),  # fmt: skip
+            ),
             ("jaxpaged_warm", "jaxpaged", dict(payload, workloads=[])),  # same cache dir
             ("hf", "hf", {"model": model, "smoke": args.smoke, "cases": hf_cases}),
             ("xla", "xla", {"model": model, "smoke": args.smoke}),

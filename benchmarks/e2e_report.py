@@ -132,13 +132,12 @@ def _depth_rows(model: str, jp: dict) -> list[str]:
     for key in sorted(k for k in jp if k.startswith("async_depth_")):
         depth, other = key.removeprefix("async_depth_"), jp[key]
         label = f"async depth {depth} (the run's: {jp.get('async_depth')})"
-        for name in ("a", "b"):
-            if name in other:
-                o = other[name]
-                rows.append(
-                    f"| {model} | ({name}) at {label}: output tok/s (device idle "
-                    f"{o['device_idle_fraction']:.0%}) | {_num(o['output_tokens_per_s'])} | | |"
-                )
+        if "b" in other:
+            o = other["b"]
+            rows.append(
+                f"| {model} | (b) at {label}: output tok/s (device idle "
+                f"{o['device_idle_fraction']:.0%}) | {_num(o['output_tokens_per_s'])} | | |"
+            )
         for point, val in other.get("decode_steps", {}).items():
             rows.append(
                 f"| {model} | decode step {point} at {label}: ms | {val['ms_per_step']:.2f} | | |"

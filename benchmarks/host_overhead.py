@@ -269,17 +269,16 @@ def main() -> None:
                       num_kv_blocks=200)  # fmt: skip
         llm = LLM(model, load_format="dummy", show_progress=False, **kw)
         res["points"] = {}
-        for name, (batch, ctx) in points.items():
-            res["points"][name] = point_stages(llm, batch, ctx, 16 if args.smoke else 64)
-            print(name, json.dumps(res["points"][name]), flush=True)
-        if args.switch_us:
-            default = sys.getswitchinterval()
-            sys.setswitchinterval(args.switch_us * 1e-6)
+        default = sys.getswitchinterval()
+        runs = [(default, "")] + ([(args.switch_us * 1e-6, f"@switch{args.switch_us:g}us")]
+                                  if args.switch_us else [])  # fmt: skip
+        for interval, suffix in runs:
+            sys.setswitchinterval(interval)
             for name, (batch, ctx) in points.items():
-                label = f"{name}@switch{args.switch_us:g}us"
+                label = name + suffix
                 res["points"][label] = point_stages(llm, batch, ctx, 16 if args.smoke else 64)
                 print(label, json.dumps(res["points"][label]), flush=True)
-            sys.setswitchinterval(default)
+        sys.setswitchinterval(default)
     else:
         res["micro"] = micro(args.smoke)
         print("micro", json.dumps(res["micro"]), flush=True)
@@ -299,9 +298,12 @@ def main() -> None:
         # The optimised HLO of the largest decode-only forward (T = max_num_seqs tokens) only:
         # all of them are over what a run can bring back.
         t = kw["max_num_seqs"]
-        paths = glob.glob(os.path.join(dump_dir, "*_forward_fn*after_optimizations.txt"))
-        decode = [p for p in paths if f"s32[{t}]" in open(p).read() and
-                  not any(f"s32[{n}]" in open(p).read() for n in (2048, 4096))]  # fmt: skip
+        decode = []
+        for path in glob.glob(os.path.join(dump_dir, "*_forward_fn*after_optimizations.txt")):
+            with open(path) as f:
+                text = f.read()
+            if f"s32[{t}]" in text and not any(f"s32[{n}]" in text for n in (2048, 4096)):
+                decode.append(path)
         if decode:
             with tarfile.open(os.path.join(args.out, "hlo_decode.tar.gz"), "w:gz") as tar:
                 tar.add(max(decode, key=os.path.getsize), arcname="decode_forward.txt")
