@@ -17,6 +17,10 @@ phase how often graphs were executed, created or updated:
 Variants of XLA_FLAGS: default, command buffers off, update mode SKIP_TEMP.
 --runs thread: the --full-layers engine with the runner's launcher thread on and off
 (JAXPAGED_LAUNCH_THREAD), with and without stable buffers.
+--runs points --points B256_ctx192,...: host_overhead.py's decode-only points on the
+throughput engine (full depth, the launcher thread on), default flags and command buffers
+off; the log lines are counted apart for each point's engine run and its replay (the same
+step's calls, same inputs), so the graph updates the engine's steps make show against none.
 Results: $OUT/cuda_graphs.json.
 """
 
@@ -89,24 +93,59 @@ def engine(stable: bool, layers: int, smoke: bool) -> dict:
     return one_stream(small_8b_engine(layers, smoke, stable_buffers=stable), mark)
 
 
+def points_child(spec: str, smoke: bool) -> dict:
+    from benchmarks.e2e_gpu import _tiny_config_dir
+    from benchmarks.host_overhead import parse_points, point_stages, throughput_llm
+
+    llm = throughput_llm(_tiny_config_dir("llama3-8b") if smoke else "llama3-8b", smoke)
+    res = {}
+    for name, (batch, ctx) in parse_points(spec).items():
+
+        def mark(phase: str, name=name) -> None:
+            sys.stderr.write(f"{PHASE}{phase} {name}\n")
+            sys.stderr.flush()
+
+        res[name] = point_stages(llm, batch, ctx, 16 if smoke else 64, mark=mark)
+    return res
+
+
+PHASE = "=== PHASE "
+
+
+def phase_logs(stderr: str) -> dict:
+    """graph_log's counts for each marked phase (the text up to the next marker)."""
+    parts = stderr.split(PHASE)[1:]
+    out = {}
+    for part in parts:
+        name, _, text = part.partition("\n")
+        if not name.startswith("end "):
+            out[name] = _count(text)
+    return out
+
+
+def _count(text: str) -> dict:
+    updates = [float(x) for x in re.findall(r"Updated command buffer in (\d+)", text)]
+    sizes = [int(x) for x in re.findall(r"Initialize command buffer.*num_commands=(\d+)",
+                                        text)]  # fmt: skip
+    return {
+        "executed": len(re.findall(r"Execute command buffer", text)),
+        "updated": len(updates),
+        "update_us_total": sum(updates),
+        "initialized": len(sizes),
+        "initialized_commands": sum(sizes),
+        "updated_allocs": re.findall(r"updated_allocs=(\d+)", text)[:12],
+        "updated_num_commands": re.findall(
+            r"after \d+ executions since last update; "
+            r"num_commands=(\d+)",
+            text,
+        )[:12],
+    }
+
+
 def graph_log(stderr: str) -> dict:
     """Counts of XLA's command-buffer log lines, in the timed phase and overall."""
     timed = stderr.split(MARK, 1)[1] if MARK in stderr else ""
-
-    def count(text: str) -> dict:
-        updates = [float(x) for x in re.findall(r"Updated command buffer in (\d+)", text)]
-        sizes = [int(x) for x in re.findall(r"Initialize command buffer.*num_commands=(\d+)",
-                                            text)]  # fmt: skip
-        return {
-            "executed": len(re.findall(r"Execute command buffer", text)),
-            "updated": len(updates),
-            "update_us_total": sum(updates),
-            "initialized": len(sizes),
-            "initialized_commands": sum(sizes),
-            "updated_allocs": re.findall(r"updated_allocs=(\d+)", text)[:12],
-        }
-
-    return {"timed": count(timed), "all": count(stderr)}
+    return {"timed": _count(timed), "all": _count(stderr)}
 
 
 def main() -> None:
@@ -121,13 +160,17 @@ def main() -> None:
         help="one engine run at this depth: stable buffers, default flags",
     )
     ap.add_argument("--budget-s", type=float, default=470)
-    ap.add_argument("--runs", choices=("probe", "thread"), default="probe")
+    ap.add_argument("--runs", choices=("probe", "thread", "points"), default="probe")
+    ap.add_argument("--points", default="B256_ctx192,B128_ctx512",
+                    help="with --runs points: B<batch>_ctx<context>,...")  # fmt: skip
     ap.add_argument("--child", nargs=2, metavar=("PART", "STABLE"))
     args = ap.parse_args()
     if args.child:
         part, stable = args.child[0], args.child[1] == "1"
         if part == "micro":
             res = micro(stable, args.smoke)
+        elif part.startswith("points:"):
+            res = points_child(part.split(":", 1)[1], args.smoke)
         else:
             res = engine(stable, int(part.split(":")[1]), args.smoke)
         print("RESULT " + json.dumps(res), flush=True)
@@ -135,6 +178,8 @@ def main() -> None:
     eng, full = f"engine:{args.layers}", f"engine:{args.full_layers}"
     if args.runs == "thread":  # the launcher thread on/off, at full depth, default flags
         runs = [(full, s, "default", t) for t in (1, 0) for s in (1, 0)]
+    elif args.runs == "points":  # the throughput engine as built: stable buffers, thread on
+        runs = [(f"points:{args.points}", 1, flags, 1) for flags in ("default", "cmdbuf_off")]
     else:
         runs = [("micro", 0, "default"), ("micro", 1, "default"), (eng, 0, "default"),
             (eng, 1, "default"), (full, 1, "default"), (eng, 0, "skip_temp"),
@@ -153,7 +198,8 @@ def main() -> None:
         cmd += ["--smoke"] if args.smoke else []
         c0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                  timeout=400 if part.startswith("points:") else 240)  # fmt: skip
             out, err = proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as e:
             out, err = e.stdout or "", (e.stderr or "") + "\nTIMEOUT"
@@ -163,6 +209,8 @@ def main() -> None:
                "seconds": round(time.perf_counter() - c0, 1)}  # fmt: skip
         res.update(json.loads(line[0][7:]) if line else {"error": err[-1500:]})
         res["graphs"] = graph_log(err)
+        if part.startswith("points:"):
+            res["graphs"]["phases"] = phase_logs(err)
         results.append(res)
         print(json.dumps(res), flush=True)
         with open(os.path.join(args.out, "cuda_graphs.json"), "w") as fh:

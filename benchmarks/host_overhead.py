@@ -149,9 +149,33 @@ def timed_values(table: dict, label: str, times: dict):
         table.update(original)
 
 
-def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32) -> dict:
+def parse_points(spec: str) -> dict[str, tuple[int, int]]:
+    """'B256_ctx192,B128_ctx512' -> {name: (batch, context)}."""
+    points = {}
+    for name in filter(None, spec.split(",")):
+        m = re.fullmatch(r"B(\d+)_ctx(\d+)", name)
+        if not m:
+            raise ValueError(f"bad point {name!r}: expected B<batch>_ctx<context>")
+        points[name] = (int(m[1]), int(m[2]))
+    return points
+
+
+def throughput_llm(model: str, smoke: bool):
+    """The throughput engine of the --points runs (device_idle.py's: 256 seqs / 2048 tokens)."""
+    from jaxpaged.llm import LLM
+
+    kw = dict(max_model_len=4608, max_num_seqs=256, max_num_batched_tokens=2048)
+    if smoke:
+        kw = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+                  num_kv_blocks=200)  # fmt: skip
+    return LLM(model, load_format="dummy", show_progress=False, **kw)
+
+
+def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32,
+                 mark=None) -> dict:  # fmt: skip
     """Stage times per decode-only step of `batch` streams at context ~ctx, and the replayed
-    device period of that step (see the module docstring)."""
+    device period of that step (see the module docstring). mark(phase), if given, is called
+    as the engine run ("engine") and the replay ("replay") start and after both ("end")."""
     import jax
     import numpy as np
 
@@ -189,6 +213,8 @@ def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32
         ]:
             stack.enter_context(timed_values(table, label, times))
         runner._run_step = recorded
+        if mark is not None:
+            mark("engine")
         try:
             llm.generate(prompts, params, use_tqdm=False)
         finally:
@@ -200,6 +226,8 @@ def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32
     if "args" in last:  # the same step, back to back: the device-bound period
         outs = [runner._run_step(*last["args"]) for _ in range(2)]
         jax.block_until_ready(outs)
+        if mark is not None:
+            mark("replay")
         c0 = time.perf_counter()
         outs = [runner._run_step(*last["args"]) for _ in range(replays)]
         enqueued = time.perf_counter() - c0
@@ -213,6 +241,8 @@ def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32
             serial.append(time.perf_counter() - c0)
             jax.block_until_ready(out)
         res["serial_call_ms"] = 1e3 * float(np.median(serial))
+        if mark is not None:
+            mark("end")
         # The replays rewrote those blocks' KV: forget them as prefix-cache hits.
         engine.scheduler.reset_prefix_cache()
     return res
@@ -243,12 +273,10 @@ def main() -> None:
     ap.add_argument("--switch-us", type=float, default=0,
                     help="with --points: run them again at this GIL switch interval")  # fmt: skip
     args = ap.parse_args()
-    points = {}
-    for name in filter(None, args.points.split(",")):
-        m = re.fullmatch(r"B(\d+)_ctx(\d+)", name)
-        if not m:
-            ap.error(f"bad point {name!r}: expected B<batch>_ctx<context>")
-        points[name] = (int(m[1]), int(m[2]))
+    try:
+        points = parse_points(args.points)
+    except ValueError as e:
+        ap.error(str(e))
     dump_dir = None
     if args.dump_ops:  # before jax initialises its backend
         dump_dir = "/tmp/jaxpaged_hlo_dump"
@@ -262,12 +290,8 @@ def main() -> None:
         from benchmarks.e2e_gpu import _tiny_config_dir
 
         model = _tiny_config_dir(args.model)
-    if points:  # the throughput engine, as device_idle.py's
-        kw = dict(max_model_len=4608, max_num_seqs=256, max_num_batched_tokens=2048)
-        if args.smoke:
-            kw = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
-                      num_kv_blocks=200)  # fmt: skip
-        llm = LLM(model, load_format="dummy", show_progress=False, **kw)
+    if points:
+        llm = throughput_llm(model, args.smoke)
         res["points"] = {}
         default = sys.getswitchinterval()
         runs = [(default, "")] + ([(args.switch_us * 1e-6, f"@switch{args.switch_us:g}us")]
@@ -297,7 +321,7 @@ def main() -> None:
             print(name, sum(counts.values()), "top-level ops:", json.dumps(counts), flush=True)
         # The optimised HLO of the largest decode-only forward (T = max_num_seqs tokens) only:
         # all of them are over what a run can bring back.
-        t = kw["max_num_seqs"]
+        t = llm.config.scheduler.max_num_seqs
         decode = []
         for path in glob.glob(os.path.join(dump_dir, "*_forward_fn*after_optimizations.txt")):
             with open(path) as f:
