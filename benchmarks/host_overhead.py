@@ -12,8 +12,12 @@
    the throughput engine (256 seqs / 2048 tokens) for B greedy streams of context ~ctx, the
    period between step starts, and a replay: the last decode-only step's executable call
    made 32 times back to back with the same inputs, so its period is the device's own step
-   time with CUDA graphs on. Step period - replay period = what the host path adds.
-   With --points only these run (not 1 and 2).
+   time with CUDA graphs on. Step period - replay period = what the host path adds. The
+   replay is then made more like the engine one step at a time (replay(): two steps'
+   inputs in turn; each result read after the next call; the calls on the launcher thread;
+   the engine thread's measured Python per step spun after each read), to find which
+   difference costs time. --switch-us / --gc-off rerun the points at another GIL interval /
+   with gc disabled. With --points only these run (not 1 and 2).
 4. With --dump-ops: XLA's optimised HLO of the step is dumped and the top-level
    instructions of its entry computation (each one a kernel launch, a library call or a
    copy for the XLA:GPU runtime) are counted by kind, per step and per layer; the optimised
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import glob
 import json
 import os
@@ -149,6 +154,40 @@ def timed_values(table: dict, label: str, times: dict):
         table.update(original)
 
 
+# The engine thread's own work per step (host_overhead's stage names), less its waits.
+ENGINE_THREAD_STAGES = ("schedule", "dispatch", "update_from_output", "process_outputs")
+
+
+def replay(runner, args_list, n, lag=None, launcher=False, busy_ms=0.0) -> tuple[float, float]:
+    """(period, enqueue time) in ms of n step calls cycling through args_list (_run_step's
+    arguments). lag=1: each call's result is read (device_get) once the next call is made,
+    as the engine reads a step after dispatching the next; launcher: the calls go to the
+    runner's launcher thread, as the engine's do; busy_ms: Python spun after each read, the
+    engine thread's own work."""
+    import jax
+
+    def call(args):
+        if launcher:
+            return runner._launch(lambda: runner._run_step(*args))
+        return runner._run_step(*args)
+
+    def result(out):
+        return out.result() if launcher else out
+
+    outs = []
+    c0 = time.perf_counter()
+    for i in range(n):
+        outs.append(call(args_list[i % len(args_list)]))
+        if lag is not None and len(outs) > lag:
+            jax.device_get(result(outs[-1 - lag]))
+            end = time.perf_counter() + busy_ms * 1e-3
+            while time.perf_counter() < end:
+                pass
+    enqueued = time.perf_counter() - c0
+    jax.block_until_ready([result(o) for o in outs])
+    return 1e3 * (time.perf_counter() - c0) / n, 1e3 * enqueued / n
+
+
 def parse_points(spec: str) -> dict[str, tuple[int, int]]:
     """'B256_ctx192,B128_ctx512' -> {name: (batch, context)}."""
     points = {}
@@ -186,7 +225,7 @@ def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32
     prompts = [rng.integers(0, llm.config.model.vocab_size, ctx - num_out // 2).tolist()
                for _ in range(batch)]  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=num_out, ignore_eos=True)
-    times, steps, last = defaultdict(list), [], {}
+    times, steps, decode_args = defaultdict(list), [], []
     run_step = runner._run_step
 
     def recorded(key, mode, packed):
@@ -196,7 +235,7 @@ def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32
         steps.append((c0, decode))
         if decode:
             times["launcher_call"].append(time.perf_counter() - c0)
-            last["args"] = (key, mode, packed)
+            decode_args[:] = [*decode_args[-1:], (key, mode, packed)]
         return out
 
     with contextlib.ExitStack() as stack:
@@ -223,21 +262,31 @@ def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32
     res = {k: {"median_ms": 1e3 * float(np.median(v[len(v) // 4 :])), "n": len(v)}
            for k, v in times.items()}  # fmt: skip
     res["step_period_ms"] = 1e3 * float(np.median(np.diff(starts[len(starts) // 4 :])))
-    if "args" in last:  # the same step, back to back: the device-bound period
-        outs = [runner._run_step(*last["args"]) for _ in range(2)]
-        jax.block_until_ready(outs)
+    if decode_args:  # the same step, back to back: the device-bound period
+        last = decode_args[-1]
+        jax.block_until_ready([runner._run_step(*last) for _ in range(2)])
         if mark is not None:
             mark("replay")
-        c0 = time.perf_counter()
-        outs = [runner._run_step(*last["args"]) for _ in range(replays)]
-        enqueued = time.perf_counter() - c0
-        jax.block_until_ready(outs)
-        res["replay_period_ms"] = 1e3 * (time.perf_counter() - c0) / replays
-        res["replay_enqueue_ms"] = 1e3 * enqueued / replays
+        res["replay_period_ms"], res["replay_enqueue_ms"] = replay(runner, [last], replays)
+        # Made more like the engine step by step (see replay()): two steps' inputs in turn;
+        # each result read after the next call; the calls on the launcher thread; and the
+        # engine thread's measured Python work per step spun after each read.
+        busy = sum(res[k]["median_ms"] for k in ENGINE_THREAD_STAGES if k in res)
+        if "collect" in res and "device_get" in res:  # collect's own work, less its wait
+            busy += max(0.0, res["collect"]["median_ms"] - res["device_get"]["median_ms"])
+        for name, kw in [
+            ("alternate", dict(args_list=decode_args)),
+            ("lag1", dict(lag=1)),
+            ("lag1_launcher", dict(lag=1, launcher=True)),
+            ("lag1_launcher_busy", dict(lag=1, launcher=True, busy_ms=busy)),
+        ]:
+            kw.setdefault("args_list", [last])
+            res[f"replay_{name}_period_ms"] = replay(runner, n=replays, **kw)[0]
+        res["replay_busy_ms"] = busy
         serial = []  # one call at a time on an idle device: the launcher's own host cost
         for _ in range(8):
             c0 = time.perf_counter()
-            out = runner._run_step(*last["args"])
+            out = runner._run_step(*last)
             serial.append(time.perf_counter() - c0)
             jax.block_until_ready(out)
         res["serial_call_ms"] = 1e3 * float(np.median(serial))
@@ -272,6 +321,8 @@ def main() -> None:
     ap.add_argument("--points", default="", help="e.g. B256_ctx192,B128_ctx512 (see docstring)")
     ap.add_argument("--switch-us", type=float, default=0,
                     help="with --points: run them again at this GIL switch interval")  # fmt: skip
+    ap.add_argument("--gc-off", action="store_true",
+                    help="with --points: run them again with gc disabled")  # fmt: skip
     args = ap.parse_args()
     try:
         points = parse_points(args.points)
@@ -294,15 +345,20 @@ def main() -> None:
         llm = throughput_llm(model, args.smoke)
         res["points"] = {}
         default = sys.getswitchinterval()
-        runs = [(default, "")] + ([(args.switch_us * 1e-6, f"@switch{args.switch_us:g}us")]
-                                  if args.switch_us else [])  # fmt: skip
-        for interval, suffix in runs:
+        runs = [(default, True, "")]
+        if args.switch_us:
+            runs.append((args.switch_us * 1e-6, True, f"@switch{args.switch_us:g}us"))
+        if args.gc_off:
+            runs.append((default, False, "@gc_off"))
+        for interval, gc_on, suffix in runs:
             sys.setswitchinterval(interval)
+            gc.enable() if gc_on else gc.disable()
             for name, (batch, ctx) in points.items():
                 label = name + suffix
                 res["points"][label] = point_stages(llm, batch, ctx, 16 if args.smoke else 64)
                 print(label, json.dumps(res["points"][label]), flush=True)
         sys.setswitchinterval(default)
+        gc.enable()
     else:
         res["micro"] = micro(args.smoke)
         print("micro", json.dumps(res["micro"]), flush=True)
