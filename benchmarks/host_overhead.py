@@ -10,14 +10,16 @@
    collect's wait, update) and the device-idle share.
 3. With --points (e.g. B256_ctx192, workload (b)'s decode steps): the same stage timing on
    the throughput engine (256 seqs / 2048 tokens) for B greedy streams of context ~ctx, the
-   period between step starts, and a replay: the last decode-only step's executable call
-   made 32 times back to back with the same inputs, so its period is the device's own step
-   time with CUDA graphs on. Step period - replay period = what the host path adds. The
-   replay is then made more like the engine one step at a time (replay(): two steps'
-   inputs in turn; each result read after the next call; the calls on the launcher thread;
-   the engine thread's measured Python per step spun after each read), to find which
-   difference costs time. --switch-us / --gc-off rerun the points at another GIL interval /
-   with gc disabled. With --points only these run (not 1 and 2).
+   period between the starts of full steps (all B streams decoding; the streams start and
+   stop staggered, so the first and last decode-only steps carry fewer live rows), and a
+   replay: the last full step's executable calls made 32 times back to back with the same
+   inputs, so its period is the device's own step time with CUDA graphs on. Step period -
+   replay period = what the host path adds. The replay is then made more like the engine
+   one step at a time (replay(): two steps' inputs in turn; each result read after the
+   next call; the calls on the launcher thread; the engine thread's measured Python per
+   step spun after each read), to find which difference costs time. --switch-us / --gc-off
+   rerun the points at another GIL interval / with gc disabled. With --points only these
+   run (not 1 and 2).
 4. With --dump-ops: XLA's optimised HLO of the step is dumped and the top-level
    instructions of its entry computation (each one a kernel launch, a library call or a
    copy for the XLA:GPU runtime) are counted by kind, per step and per layer; the optimised
@@ -40,7 +42,7 @@ import re
 import sys
 import tarfile
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -226,15 +228,24 @@ def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32
                for _ in range(batch)]  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=num_out, ignore_eos=True)
     times, steps, decode_args = defaultdict(list), [], []
-    run_step = runner._run_step
+    run_step, dispatch = runner._run_step, runner.dispatch
+    full = deque()  # per launched step, in launch order: all `batch` streams, one token each
+
+    def counted(so):
+        n = so.num_scheduled_tokens
+        if n:
+            full.append(len(n) == batch and all(v == 1 for v in n.values()))
+        return dispatch(so)
 
     def recorded(key, mode, packed):
         c0 = time.perf_counter()
         out = run_step(key, mode, packed)
         decode = key[2] and key[1] >= batch
-        steps.append((c0, decode))
+        is_full = full.popleft()
+        steps.append((c0, decode, is_full))
         if decode:
             times["launcher_call"].append(time.perf_counter() - c0)
+        if is_full:
             decode_args[:] = [*decode_args[-1:], (key, mode, packed)]
         return out
 
@@ -251,17 +262,23 @@ def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32
             (runner._samplers, "sampler_call"),
         ]:
             stack.enter_context(timed_values(table, label, times))
-        runner._run_step = recorded
+        runner._run_step, runner.dispatch = recorded, counted
         if mark is not None:
             mark("engine")
         try:
             llm.generate(prompts, params, use_tqdm=False)
         finally:
-            del runner._run_step
-    starts = np.array([c for c, decode in steps if decode])
+            del runner._run_step, runner.dispatch
     res = {k: {"median_ms": 1e3 * float(np.median(v[len(v) // 4 :])), "n": len(v)}
            for k, v in times.items()}  # fmt: skip
-    res["step_period_ms"] = 1e3 * float(np.median(np.diff(starts[len(starts) // 4 :])))
+    # Full steps only: the streams start decoding as their prefills end and stop as staggered,
+    # so the last decode steps carry fewer live rows (less attention) in the same bucket.
+    starts = np.array([c for c, _, is_full in steps if is_full])
+    res["full_steps"] = len(starts)
+    if len(starts) > 1:
+        res["step_period_ms"] = 1e3 * float(np.median(np.diff(starts)))
+    decode = np.array([c for c, d, _ in steps if d])  # every decode-only step (earlier runs)
+    res["step_period_all_decode_ms"] = 1e3 * float(np.median(np.diff(decode[len(decode) // 4 :])))
     if decode_args:  # the same step, back to back: the device-bound period
         last = decode_args[-1]
         jax.block_until_ready([runner._run_step(*last) for _ in range(2)])
