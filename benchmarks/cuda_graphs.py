@@ -18,9 +18,9 @@ Variants of XLA_FLAGS: default, command buffers off, update mode SKIP_TEMP.
 --runs thread: the --full-layers engine with the runner's launcher thread on and off
 (JAXPAGED_LAUNCH_THREAD), with and without stable buffers.
 --runs points --points B256_ctx192,...: host_overhead.py's decode-only points on the
-throughput engine (full depth, the launcher thread on), default flags and command buffers
-off; the log lines are counted apart for each point's engine run and its replay (the same
-step's calls, same inputs), so the graph updates the engine's steps make show against none.
+throughput engine (full depth, the launcher thread on) under the XLA_FLAGS variants of
+--flags (default flags and command buffers off unless given); the log lines are counted
+apart for each point's engine run and its replay (the same step's calls, same inputs).
 Results: $OUT/cuda_graphs.json.
 """
 
@@ -40,6 +40,7 @@ FLAGS = {
     "default": "",
     "cmdbuf_off": "--xla_gpu_enable_command_buffer=",
     "skip_temp": "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",
+    "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
 }
 MARK = "=== TIMED PHASE ==="
 
@@ -163,6 +164,8 @@ def main() -> None:
     ap.add_argument("--runs", choices=("probe", "thread", "points"), default="probe")
     ap.add_argument("--points", default="B256_ctx192,B128_ctx512",
                     help="with --runs points: B<batch>_ctx<context>,...")  # fmt: skip
+    ap.add_argument("--flags", default="default,cmdbuf_off",
+                    help=f"with --runs points: XLA_FLAGS variants, of {sorted(FLAGS)}")  # fmt: skip
     ap.add_argument("--child", nargs=2, metavar=("PART", "STABLE"))
     args = ap.parse_args()
     if args.child:
@@ -179,7 +182,7 @@ def main() -> None:
     if args.runs == "thread":  # the launcher thread on/off, at full depth, default flags
         runs = [(full, s, "default", t) for t in (1, 0) for s in (1, 0)]
     elif args.runs == "points":  # the throughput engine as built: stable buffers, thread on
-        runs = [(f"points:{args.points}", 1, flags, 1) for flags in ("default", "cmdbuf_off")]
+        runs = [(f"points:{args.points}", 1, flags, 1) for flags in args.flags.split(",")]
     else:
         runs = [("micro", 0, "default"), ("micro", 1, "default"), (eng, 0, "default"),
             (eng, 1, "default"), (full, 1, "default"), (eng, 0, "skip_temp"),
