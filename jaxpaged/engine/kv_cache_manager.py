@@ -110,8 +110,16 @@ class KVCacheManager:
         """
         if num_new_tokens <= 0:
             raise ValueError(f"num_new_tokens must be > 0, got {num_new_tokens}.")
-        new_computed_blocks = new_computed_blocks or []
         req_blocks = self.req_to_blocks[request.request_id]
+        if not new_computed_blocks and not num_new_computed_tokens:
+            # The common decode case, every step of every running request: the slots fit
+            # the blocks it has.
+            num_computed_tokens = request.num_computed_tokens
+            needed = min(num_computed_tokens + num_new_tokens, self.max_model_len)
+            if needed <= len(req_blocks) * self.block_size:
+                self.cache_blocks(request, num_computed_tokens)
+                return []
+        new_computed_blocks = new_computed_blocks or []
         num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
         num_tokens_need_slot = min(num_computed_tokens + num_new_tokens, self.max_model_len)
         num_required_blocks = cdiv(num_tokens_need_slot, self.block_size)
@@ -137,12 +145,12 @@ class KVCacheManager:
         """Register the request's blocks that the first num_computed_tokens tokens fill."""
         if not self.enable_caching:
             return
-        self.update_block_hashes(request)
         request_id = request.request_id
         num_full_blocks = min(num_computed_tokens, request.num_tokens) // self.block_size
         num_cached_blocks = self.num_cached_blocks.get(request_id, 0)
         if num_full_blocks <= num_cached_blocks:
             return
+        self.update_block_hashes(request)
         req_blocks = self.req_to_blocks[request_id]
         assert len(req_blocks) >= num_full_blocks, (request, len(req_blocks), num_full_blocks)
         self.block_pool.cache_full_blocks(

@@ -70,7 +70,10 @@ class ParentState:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.samples)
+        for sample in self.samples:
+            if sample.finish_reason is None:
+                return False
+        return True
 
 
 @dataclass
@@ -156,10 +159,11 @@ class OutputProcessor:
         outputs = []
         for parent_id, samples in touched.items():
             parent = self.parents[parent_id]
-            out = self._make_request_output(parent, samples, now)
+            finished = parent.finished
+            out = self._make_request_output(parent, samples, now, finished)
             if out is not None:
                 outputs.append(out)
-            if parent.finished:
+            if finished:
                 self._drop(parent)
         return ProcessedOutputs(outputs, reqs_to_finish)
 
@@ -218,9 +222,8 @@ class OutputProcessor:
             sample.cumulative_logprob += lps[0]
 
     def _make_request_output(
-        self, parent: ParentState, touched: list[SampleState], now: float
+        self, parent: ParentState, touched: list[SampleState], now: float, finished: bool
     ) -> RequestOutput | None:
-        finished = parent.finished
         if finished:
             parent.metrics.finished_time = now
         delta = parent.params.output_kind == "delta"

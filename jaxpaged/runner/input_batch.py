@@ -117,9 +117,10 @@ class InputBatch:
         self.block_table[slot, start : start + len(block_ids)] = block_ids
         self.num_blocks[slot] = start + len(block_ids)
 
-    def append_token(self, slot: int, token_id: int) -> None:
-        self.token_ids[slot, self.num_tokens[slot]] = token_id
-        self.num_tokens[slot] += 1
+    def append_tokens(self, slots: np.ndarray, token_ids: np.ndarray) -> None:
+        """Each slot's sampled token, after its known tokens; the slots are distinct."""
+        self.token_ids[slots, self.num_tokens[slots]] = token_ids
+        self.num_tokens[slots] += 1
 
     def prepare(
         self,

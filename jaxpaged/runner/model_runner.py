@@ -613,29 +613,28 @@ class ModelRunner:
             )
         else:
             host = fetched
-        sampled = host[0]
-        sampled_ids: list[list[int]] = []
+        n = len(h.req_ids)
+        sampled = np.asarray(host[0][:n])
+        mask = h.sample_mask
+        pairs = zip(sampled.tolist(), mask.tolist(), strict=True)
+        sampled_ids = [[tok] if m else [] for tok, m in pairs]
         logprobs: dict[str, LogprobsLists] = {}
-        batch = self.input_batch
-        for i, req_id in enumerate(h.req_ids):
-            if not h.sample_mask[i]:
-                sampled_ids.append([])
-                continue
-            tok, slot = int(sampled[i]), int(h.slots[i])
-            sampled_ids.append([tok])
+        if want_lp:
             # Logprobs even for a slot freed meanwhile: a request preempted while its token
             # was in flight keeps that token (the scheduler appends it), so it needs them too.
-            if want_lp and h.wants_logprobs[i]:
+            for i in np.flatnonzero(mask & h.wants_logprobs).tolist():
                 top_ids, top_lp, lp, rank = (a[i] for a in host[1:])
-                logprobs[req_id] = LogprobsLists(
-                    token_ids=[[tok, *top_ids.tolist()]],
+                logprobs[h.req_ids[i]] = LogprobsLists(
+                    token_ids=[[int(sampled[i]), *top_ids.tolist()]],
                     logprobs=[[float(lp), *top_lp.tolist()]],
                     ranks=[int(rank)],
                 )
-            if batch.slot_gen[slot] != h.gens[i]:
-                continue  # the slot was freed (and maybe reused) while the step ran
-            batch.num_pending[slot] -= 1
-            batch.append_token(slot, tok)
+        # Slots freed (and maybe reused) while the step ran take no token.
+        batch = self.input_batch
+        live = mask & (batch.slot_gen[h.slots] == h.gens)
+        slots = h.slots[live]
+        batch.num_pending[slots] -= 1
+        batch.append_tokens(slots, sampled[live])
         return ModelRunnerOutput(
             req_ids=h.req_ids, sampled_token_ids=sampled_ids, logprobs=logprobs
         )
