@@ -249,26 +249,30 @@ def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32
             decode_args[:] = [*decode_args[-1:], (key, mode, packed)]
         return out
 
-    with contextlib.ExitStack() as stack:
-        for obj, name in [(engine.scheduler, "schedule"), (runner, "dispatch"),
-                          (runner, "collect"), (jax, "device_get"),
-                          (engine.scheduler, "update_from_output"),
-                          (engine.output_processor, "process_outputs"),
-                          (runner, "_stage_inputs"), (runner, "_head_copy")]:  # fmt: skip
-            stack.enter_context(timed(obj, name, times))
-        # The launcher's executable calls, by kind (the forward, the sampler).
-        for table, label in [
-            (runner._compiled, "forward_call"),
-            (runner._samplers, "sampler_call"),
-        ]:
-            stack.enter_context(timed_values(table, label, times))
-        runner._run_step, runner.dispatch = recorded, counted
-        if mark is not None:
-            mark("engine")
-        try:
-            llm.generate(prompts, params, use_tqdm=False)
-        finally:
-            del runner._run_step, runner.dispatch
+    runner.dispatch = counted  # under the stage timing below
+    try:
+        with contextlib.ExitStack() as stack:
+            for obj, name in [(engine.scheduler, "schedule"), (runner, "dispatch"),
+                              (runner, "collect"), (jax, "device_get"),
+                              (engine.scheduler, "update_from_output"),
+                              (engine.output_processor, "process_outputs"),
+                              (runner, "_stage_inputs"), (runner, "_head_copy")]:  # fmt: skip
+                stack.enter_context(timed(obj, name, times))
+            # The launcher's executable calls, by kind (the forward, the sampler).
+            for table, label in [
+                (runner._compiled, "forward_call"),
+                (runner._samplers, "sampler_call"),
+            ]:
+                stack.enter_context(timed_values(table, label, times))
+            runner._run_step = recorded
+            if mark is not None:
+                mark("engine")
+            try:
+                llm.generate(prompts, params, use_tqdm=False)
+            finally:
+                del runner._run_step
+    finally:
+        del runner.dispatch
     res = {k: {"median_ms": 1e3 * float(np.median(v[len(v) // 4 :])), "n": len(v)}
            for k, v in times.items()}  # fmt: skip
     # Full steps only: the streams start decoding as their prefills end and stop as staggered,
