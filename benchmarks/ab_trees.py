@@ -60,10 +60,12 @@ def main() -> None:
     code = CHILD.format(model=model, n=n, i=i, o=o)
     results = []
     for name in order:
-        env = dict(os.environ, PYTHONPATH=os.path.abspath(trees[name]))
+        tree = os.path.abspath(trees[name])
+        env = dict(os.environ, PYTHONPATH=tree)
         c0 = time.perf_counter()
+        # cwd too: `python -c` puts the working directory ahead of PYTHONPATH.
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              env=env, timeout=400)  # fmt: skip
+                              env=env, cwd=tree, timeout=400)  # fmt: skip
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         res = {"tree": name, "dir": trees[name], "seconds": round(time.perf_counter() - c0, 1)}
         res.update(json.loads(line[0][7:]) if line else {"error": proc.stderr[-1500:]})
