@@ -215,3 +215,18 @@ def test_allocate_rejects_zero_tokens():
     manager = make_manager()
     with pytest.raises(ValueError, match="num_new_tokens"):
         manager.allocate_slots(make_request("a", [1]), 0)
+
+
+def test_decode_slot_inside_its_blocks_takes_no_block_and_caches_computed_blocks():
+    manager = make_manager()
+    req = make_request("a", list(range(7)))
+    assert [b.block_id for b in manager.allocate_slots(req, 7)] == [1, 2]
+    req.num_computed_tokens = 7  # computed, not yet cached (update_from_output's job)
+    free_before = manager.get_num_free_blocks()
+    req.append_output_token_ids([7])  # 8 tokens: the new slot is block 2's last
+    assert manager.allocate_slots(req, 1) == []
+    assert manager.get_num_free_blocks() == free_before
+    # The 7 computed tokens fill block 1: registered here, so another request hits it.
+    assert manager.num_cached_blocks["a"] == 1
+    blocks, num_hit = manager.get_computed_blocks(make_request("b", list(range(6))))
+    assert [b.block_id for b in blocks] == [1] and num_hit == 4
