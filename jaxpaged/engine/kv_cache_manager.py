@@ -111,17 +111,14 @@ class KVCacheManager:
         if num_new_tokens <= 0:
             raise ValueError(f"num_new_tokens must be > 0, got {num_new_tokens}.")
         req_blocks = self.req_to_blocks[request.request_id]
-        if not new_computed_blocks and not num_new_computed_tokens:
-            # The common decode case, every step of every running request: the slots fit
-            # the blocks it has.
-            num_computed_tokens = request.num_computed_tokens
-            needed = min(num_computed_tokens + num_new_tokens, self.max_model_len)
-            if needed <= len(req_blocks) * self.block_size:
-                self.cache_blocks(request, num_computed_tokens)
-                return []
-        new_computed_blocks = new_computed_blocks or []
         num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
         num_tokens_need_slot = min(num_computed_tokens + num_new_tokens, self.max_model_len)
+        if not new_computed_blocks and num_tokens_need_slot <= len(req_blocks) * self.block_size:
+            # The common decode case, every step of every running request: the slots fit
+            # the blocks it has, so nothing is taken from the pool.
+            self.cache_blocks(request, num_computed_tokens)
+            return []
+        new_computed_blocks = new_computed_blocks or []
         num_required_blocks = cdiv(num_tokens_need_slot, self.block_size)
         num_new_blocks = max(0, num_required_blocks - len(req_blocks) - len(new_computed_blocks))
         num_evictable_hits = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
