@@ -185,14 +185,17 @@ def part_jaxpaged(
         "c": dict(num_prompts=int(1000 * scale), input_len=1024 if not smoke else 64,
                   output_len=512 if not smoke else 32, random_range=None),
     }  # fmt: skip
-    for name in workloads:
-        if name not in specs:
-            continue
-        args = argparse.Namespace(seed=0, **specs[name])
+
+    def throughput(name: str) -> dict:
+        """bench's throughput run of workload `name`, with the device-idle share."""
         with _idle_probe(llm) as marks:
-            out = bench.run_throughput(llm, args)
+            out = bench.run_throughput(llm, argparse.Namespace(seed=0, **specs[name]))
         out["device_idle_fraction"] = _idle_fraction(marks)
-        res[name] = out
+        return out
+
+    for name in workloads:
+        if name in specs:
+            res[name] = throughput(name)
     if "d" in workloads:
         for ctx in (512, 4096) if not smoke else (64,):
             args = argparse.Namespace(batch_size=1, input_len=ctx, output_len=64 if smoke else 256,
@@ -205,9 +208,7 @@ def part_jaxpaged(
         _set_async(llm, False)
         sync = res["sync"] = {"decode_steps": _decode_steps(llm, points, 16 if smoke else 64)}
         if "b" in workloads:
-            with _idle_probe(llm) as marks:
-                sync["b"] = bench.run_throughput(llm, argparse.Namespace(seed=0, **specs["b"]))
-            sync["b"]["device_idle_fraction"] = _idle_fraction(marks)
+            sync["b"] = throughput("b")
         _set_async(llm, True)
     res["async_depth"] = default_depth = llm.engine.async_depth
     for depth in compare_depths:  # the same engine at other async depths
@@ -215,9 +216,7 @@ def part_jaxpaged(
         llm.engine.async_depth = depth
         other = res[f"async_depth_{depth}"] = {}
         if "b" in workloads:
-            with _idle_probe(llm) as marks:
-                other["b"] = bench.run_throughput(llm, argparse.Namespace(seed=0, **specs["b"]))
-            other["b"]["device_idle_fraction"] = _idle_fraction(marks)
+            other["b"] = throughput("b")
         if "e" in workloads:
             other["decode_steps"] = _decode_steps(llm, points, 16 if smoke else 64)
         llm.engine.async_depth = default_depth

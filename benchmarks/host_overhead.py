@@ -318,19 +318,14 @@ def point_stages(llm, batch: int, ctx: int, num_out: int = 64, replays: int = 32
     return res
 
 
-def count_entry_ops(dump_dir: str) -> dict:
-    """Opcode counts of the ENTRY computation of each dumped optimised step module."""
-    out = {}
-    for path in sorted(glob.glob(os.path.join(dump_dir, "*_forward_fn*after_optimizations.txt"))):
-        text = open(path).read()
-        entry = text[text.index("\nENTRY ") :]
-        entry = entry[: entry.index("\n}\n")]
-        ops = re.findall(r"= [^ ]+ ([a-z][a-z0-9-]*)\(", entry)
-        counts: dict[str, int] = defaultdict(int)
-        for op in ops:
-            counts[op] += 1
-        out[os.path.basename(path)] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-    return out
+def count_entry_ops(text: str) -> dict:
+    """Opcode counts of the ENTRY computation of one dumped optimised step module."""
+    entry = text[text.index("\nENTRY ") :]
+    entry = entry[: entry.index("\n}\n")]
+    counts: dict[str, int] = defaultdict(int)
+    for op in re.findall(r"= [^ ]+ ([a-z][a-z0-9-]*)\(", entry):
+        counts[op] += 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def main() -> None:
@@ -392,17 +387,18 @@ def main() -> None:
             res[mode] = engine_stages(llm, mode == "async", n)
             print(mode, json.dumps(res[mode]), flush=True)
     if dump_dir:
-        res["entry_ops"] = count_entry_ops(dump_dir)
-        res["num_layers"] = llm.config.model.num_layers
-        for name, counts in res["entry_ops"].items():
-            print(name, sum(counts.values()), "top-level ops:", json.dumps(counts), flush=True)
-        # The optimised HLO of the largest decode-only forward (T = max_num_seqs tokens) only:
-        # all of them are over what a run can bring back.
-        t = llm.config.scheduler.max_num_seqs
-        decode = []
-        for path in glob.glob(os.path.join(dump_dir, "*_forward_fn*after_optimizations.txt")):
+        # Each dumped forward read once: its opcode counts, and whether it is a decode-only
+        # forward of T = max_num_seqs tokens (the largest of those is kept: all of them are
+        # over what a run can bring back).
+        res["entry_ops"], res["num_layers"] = {}, llm.config.model.num_layers
+        t, decode = llm.config.scheduler.max_num_seqs, []
+        pattern = os.path.join(dump_dir, "*_forward_fn*after_optimizations.txt")
+        for path in sorted(glob.glob(pattern)):
             with open(path) as f:
                 text = f.read()
+            counts = res["entry_ops"][os.path.basename(path)] = count_entry_ops(text)
+            print(os.path.basename(path), sum(counts.values()), "top-level ops:",
+                  json.dumps(counts), flush=True)  # fmt: skip
             if f"s32[{t}]" in text and not any(f"s32[{n}]" in text for n in (2048, 4096)):
                 decode.append(path)
         if decode:
