@@ -13,17 +13,25 @@ No `lax.cond`: XLA:GPU runs a conditional by copying its predicate to the host a
 for the device there, which held the host for most of every step (4.1 of 5.7 ms at batch 1
 on the 8B shape, docs/benchmarks.md), so it could never enqueue the next step early. The two
 expensive parts, the sort behind top-k/top-p/min-p and the top logprobs, are compiled in or
-out by a static `SamplerMode` that the host picks from the batch's sampling parameters;
-penalties, logit bias and the Gumbel noise are elementwise over [R, V] and always run
-(penalties of 0, 0 and 1 leave the logits exactly as they were).
+out by a static `SamplerMode` that the host picks from the batch's sampling parameters, and
+so are the penalties and logit bias (`adjust`): their per-slot token counts are an i32[R, V]
+gather and a scatter each step (at 256 rows and a 152k vocabulary, 0.2 GB read), which a batch
+without penalties, logit_bias or min_tokens skips. A request's counts are only read in steps
+where it samples, which are steps in `adjust` mode, so updating them only in that mode keeps
+them exact. The Gumbel noise is elementwise over [R, V] and always runs, zeroed for greedy
+rows, so that one argmax serves greedy and sampled rows alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpaged.sampling_params import MAX_LOGPROBS
 
@@ -36,15 +44,38 @@ class SamplerMode:
 
     filters: bool = False  # some row has top_k, top_p or min_p set: sort the logits
     logprobs: bool = False  # some row asked for logprobs: top-k of the log-softmax
+    adjust: bool = False  # some row has penalties, logit_bias or min_tokens suppression
 
     @classmethod
-    def for_rows(cls, top_k, top_p, min_p, want_logprobs: bool) -> SamplerMode:
-        """The mode that row arrays top_k, top_p, min_p (numpy) need."""
-        filters = bool(((top_k > 0) | (top_p < 1) | (min_p > 0)).any())
-        return cls(filters=filters, logprobs=bool(want_logprobs))
+    def for_rows(cls, rows: Mapping[str, np.ndarray], want_logprobs: bool,
+                 vocab_size: int) -> SamplerMode:  # fmt: skip
+        """The mode that the sampling rows need: `rows` maps SamplingTensors' field names
+        (top_k, top_p, min_p, the three penalties, bias_ids) to numpy arrays of those rows."""
+        filters = (rows["top_k"] > 0) | (rows["top_p"] < 1) | (rows["min_p"] > 0)
+        adjust = (
+            (rows["presence_penalty"] != 0)
+            | (rows["frequency_penalty"] != 0)
+            | (rows["repetition_penalty"] != 1)
+            | (rows["bias_ids"] < vocab_size).any(axis=-1)
+        )
+        return cls(bool(filters.any()), bool(want_logprobs), bool(adjust.any()))
+
+    def compiled(self) -> SamplerMode:
+        """The compiled mode that runs this one: itself, or with adjust on (a superset; a
+        mode only adds work, so a superset samples exactly the same tokens)."""
+        return self if self in ALL_MODES else dataclasses.replace(self, adjust=True)
 
 
-ALL_MODES = tuple(SamplerMode(f, lp) for f in (False, True) for lp in (False, True))
+MODE_FIELDS = ("top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+               "repetition_penalty", "bias_ids")  # fmt: skip
+"""The SamplingTensors fields that SamplerMode.for_rows reads."""
+
+# Compiled: every (filters, logprobs) combination with adjust on, and without it the plain
+# and filters-only modes (no penalties, bias or logprobs: the usual request); 6 per sampler
+# signature rather than 8, which start-up compiles.
+ALL_MODES = (SamplerMode(), SamplerMode(filters=True)) + tuple(
+    SamplerMode(f, lp, adjust=True) for f, lp in itertools.product((False, True), repeat=2)
+)
 
 
 @jax.tree_util.register_dataclass
@@ -149,23 +180,25 @@ def sample(
 ) -> tuple[SamplerOutput, PenaltyState]:
     r, v = logits.shape
     raw = logits
-    logits = apply_penalties(
-        logits,
-        state.output_counts[st.slots],
-        state.prompt_mask[st.slots],
-        st.presence_penalty,
-        st.frequency_penalty,
-        st.repetition_penalty,
-    )
-    rows = jnp.broadcast_to(jnp.arange(r)[:, None], st.bias_ids.shape)
-    logits = logits.at[rows, st.bias_ids].add(st.bias_vals, mode="drop")
-    greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
+    if mode.adjust:
+        logits = apply_penalties(
+            logits,
+            state.output_counts[st.slots],
+            state.prompt_mask[st.slots],
+            st.presence_penalty,
+            st.frequency_penalty,
+            st.repetition_penalty,
+        )
+        rows = jnp.broadcast_to(jnp.arange(r)[:, None], st.bias_ids.shape)
+        logits = logits.at[rows, st.bias_ids].add(st.bias_vals, mode="drop")
+    greedy = st.temperature == 0
+    scaled = logits / jnp.where(greedy, 1.0, st.temperature)[:, None]
     if mode.filters:
+        # A greedy row keeps every entry equal to its maximum (min_p <= 1, top_k >= 1 and
+        # top_p keep the top token and its ties), so its argmax is the unfiltered one.
         scaled = apply_filters(scaled, st.top_k, st.top_p, st.min_p)
-    noisy = scaled + gumbel_noise(st.seeds, st.positions, v)
-    random_ids = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
-    sampled = jnp.where(st.temperature == 0, greedy_ids, random_ids)
+    noise = jnp.where(greedy[:, None], 0.0, gumbel_noise(st.seeds, st.positions, v))
+    sampled = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
     if mode.logprobs:
         lp = _top_logprobs(jax.nn.log_softmax(raw, axis=-1), sampled)
     else:
@@ -175,7 +208,9 @@ def sample(
             jnp.zeros((r, MAX_LOGPROBS), jnp.int32),
             jnp.zeros((r, MAX_LOGPROBS), jnp.float32),
         )
-    counts = state.output_counts.at[st.slots, sampled].add(st.sample_mask.astype(jnp.int32))
+    counts = state.output_counts
+    if mode.adjust:
+        counts = counts.at[st.slots, sampled].add(st.sample_mask.astype(jnp.int32))
     new_state = PenaltyState(counts, state.prompt_mask)
     return SamplerOutput(sampled, *lp), new_state
 

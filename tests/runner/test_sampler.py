@@ -1,5 +1,7 @@
 """On-device sampler: distributions (chi-square), greedy equivalences, exact penalties."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from scipy import stats
 
 from jaxpaged.runner.sampler import (
     ALL_MODES,
+    MODE_FIELDS,
     PenaltyState,
     SamplerMode,
     SamplingTensors,
@@ -51,8 +54,12 @@ _sample_jit = jax.jit(sample, static_argnames="mode")
 
 def _sample(logits, st, state, want_logprobs):
     """The sampler in the mode the runner picks for these rows."""
-    mode = SamplerMode.for_rows(st.top_k, st.top_p, st.min_p, bool(want_logprobs))
+    mode = SamplerMode.for_rows(_rows(st), bool(want_logprobs), V)
     return _sample_jit(logits, st, state, mode=mode)
+
+
+def _rows(st):
+    return {k: np.asarray(getattr(st, k)) for k in MODE_FIELDS}
 
 
 def _draw(logits_row, n, **kw):
@@ -205,18 +212,51 @@ def test_sampler_has_no_conditional(mode):
 def test_modes_agree_where_their_parts_are_unused():
     logits = jnp.asarray(np.random.default_rng(7).normal(size=(8, V)).astype(np.float32))
     st = _tensors(8, temperature=np.array([0, 0.7] * 4, np.float32))
-    outs = {m: _sample_jit(logits, st, _state(), mode=m)[0] for m in ALL_MODES}
-    plain = np.asarray(outs[SamplerMode()].sampled)
-    for m, out in outs.items():
+    outs = {m: _sample_jit(logits, st, _state(), mode=m) for m in ALL_MODES}
+    plain = np.asarray(outs[SamplerMode()][0].sampled)
+    assert (plain[::2] == np.asarray(logits).argmax(-1)[::2]).all()  # the greedy rows
+    for m, (out, _) in outs.items():
         np.testing.assert_array_equal(np.asarray(out.sampled), plain, err_msg=str(m))
-    assert np.asarray(outs[SamplerMode()].top_ids).max() == 0  # not computed
-    assert np.asarray(outs[SamplerMode(logprobs=True)].top_ids).max() > 0
+    assert np.asarray(outs[SamplerMode()][0].top_ids).max() == 0  # not computed
+    assert np.asarray(outs[SamplerMode(logprobs=True, adjust=True)][0].top_ids).max() > 0
+    # Token counts are only kept up to date in adjust mode (the only mode that reads them).
+    assert np.asarray(outs[SamplerMode()][1].output_counts).sum() == 0
+    assert np.asarray(outs[SamplerMode(adjust=True)][1].output_counts).sum() == 8
+
+
+def test_greedy_rows_ignore_filters():
+    # One argmax serves greedy and sampled rows: a greedy row's filters keep its top token.
+    logits = np.random.default_rng(8).normal(size=(6, V)).astype(np.float32)
+    logits[0, 5] = logits[0, 9] = logits[0].max() + 1  # a tie: the first index wins
+    st = _tensors(6, temperature=0.0, top_k=2, top_p=0.3, min_p=0.5)
+    out, _ = _sample(jnp.asarray(logits), st, _state(), False)
+    np.testing.assert_array_equal(np.asarray(out.sampled), logits.argmax(-1))
 
 
 def test_mode_for_rows():
-    off = dict(top_k=np.zeros(3, np.int32), top_p=np.ones(3), min_p=np.zeros(3))
-    assert SamplerMode.for_rows(**off, want_logprobs=False) == SamplerMode()
-    for name, value in (("top_k", 5), ("top_p", 0.9), ("min_p", 0.1)):
+    off = dict(top_k=np.zeros(3, np.int32), top_p=np.ones(3), min_p=np.zeros(3),
+               presence_penalty=np.zeros(3), frequency_penalty=np.zeros(3),
+               repetition_penalty=np.ones(3), bias_ids=np.full((3, NB), V))  # fmt: skip
+    assert SamplerMode.for_rows(off, want_logprobs=False, vocab_size=V) == SamplerMode()
+    for name, value, mode in (
+        ("top_k", 5, SamplerMode(True, True)),
+        ("top_p", 0.9, SamplerMode(True, True)),
+        ("min_p", 0.1, SamplerMode(True, True)),
+        ("presence_penalty", 0.5, SamplerMode(logprobs=True, adjust=True)),
+        ("frequency_penalty", -0.5, SamplerMode(logprobs=True, adjust=True)),
+        ("repetition_penalty", 1.2, SamplerMode(logprobs=True, adjust=True)),
+        ("bias_ids", 3, SamplerMode(logprobs=True, adjust=True)),
+    ):
         rows = {k: v.copy() for k, v in off.items()}
         rows[name][1] = value
-        assert SamplerMode.for_rows(**rows, want_logprobs=True) == SamplerMode(True, True)
+        assert SamplerMode.for_rows(rows, want_logprobs=True, vocab_size=V) == mode, name
+
+
+def test_uncompiled_modes_run_as_their_adjust_superset():
+    assert SamplerMode().compiled() == SamplerMode()
+    assert SamplerMode(filters=True).compiled() == SamplerMode(filters=True)
+    assert SamplerMode(logprobs=True).compiled() == SamplerMode(logprobs=True, adjust=True)
+    for f, lp, adj in itertools.product((False, True), repeat=3):
+        mode = SamplerMode(f, lp, adj).compiled()
+        assert mode in ALL_MODES and mode.filters == f and mode.logprobs == lp
+        assert mode.adjust or not adj
