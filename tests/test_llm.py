@@ -450,3 +450,40 @@ def test_bench_throughput_cli_reports_what_it_generated(hf_model_dir, tmp_path):
     reads = sum(sum(len(q) + j for j in range(1, p.max_tokens)) for q, p in pairs)
     assert res["decode_kv_token_reads"] == reads
     assert res["output_tokens_per_s"] > 0 and res["num_buckets"] > 0
+
+
+def test_warm_up_runs_every_executable_and_changes_nothing_a_request_sees(tight_llm):
+    """ModelRunner.warm_up (on by default on GPU) runs every bucket's forward and every
+    sampler on all-padding steps: only the null block and the spare slot may change."""
+    runner = tight_llm.model_runner
+    prompts = _prompts(11, [9, 30, 4])
+    params = [SamplingParams(temperature=0.0, max_tokens=8, presence_penalty=0.5, logprobs=2),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=8, top_p=0.9),
+              SamplingParams(temperature=0.0, max_tokens=8)]  # fmt: skip
+    want = [o.outputs[0].token_ids for o in tight_llm.generate(prompts, params, use_tqdm=False)]
+    before = jax.tree.map(np.asarray, (runner.kv_caches, runner.penalty_state, runner.last_tokens))
+    calls, samplers = [], dict(runner._samplers)
+
+    def counted(name):
+        def call(*args):
+            calls.append(name)
+            return samplers[name](*args)
+
+        return call
+
+    runner._samplers.update({name: counted(name) for name in samplers})
+    try:
+        assert runner.warm_up() > 0
+    finally:
+        runner._samplers.update(samplers)
+    assert sorted(map(str, calls)) == sorted(map(str, runner._samplers))  # each once
+    kv, state, last = jax.tree.map(np.asarray, (runner.kv_caches, runner.penalty_state,
+                                                runner.last_tokens))  # fmt: skip
+    spare = runner.input_batch.max_num_seqs
+    for a, b in zip(jax.tree.leaves(kv), jax.tree.leaves(before[0]), strict=True):
+        np.testing.assert_array_equal(a[1:], b[1:])  # block 0 is the null block
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(before[1]), strict=True):
+        np.testing.assert_array_equal(np.delete(a, spare, 0), np.delete(b, spare, 0))
+    np.testing.assert_array_equal(np.delete(last, spare), np.delete(before[2], spare))
+    got = [o.outputs[0].token_ids for o in tight_llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want

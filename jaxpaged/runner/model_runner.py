@@ -56,6 +56,7 @@ from jaxpaged.runner.packing import (
 )
 from jaxpaged.runner.sampler import (
     ALL_MODES,
+    MODE_FIELDS,
     PenaltyState,
     SamplerMode,
     SamplerOutput,
@@ -156,6 +157,7 @@ class ModelRunner:
         mesh_shardings=None,
         stable_buffers: bool = False,
         launch_thread: bool | None = None,
+        warm_up: bool | None = None,
     ) -> None:
         self.config = model_config
         self.params = params
@@ -209,6 +211,9 @@ class ModelRunner:
             # switch interval it waited up to that long behind the scheduler's Python work
             # (a staging call took 5.7 ms at batch 128, docs/benchmarks.md). Process-wide.
             sys.setswitchinterval(_SWITCH_INTERVAL_S)
+        # compile_all runs every executable once (warm_up); on by default on GPU, where
+        # first runs are slow, and off on CPU, where they are not (and tests build many).
+        self.warm_up_steps = jax.default_backend() != "cpu" if warm_up is None else warm_up
         self._launch_error: Exception | None = None  # of a launched non-step call
         self._stage = jax.jit(_write_into, donate_argnums=0)
         self._head_copy = jax.jit(_head_copy, static_argnums=1)
@@ -249,7 +254,10 @@ class ModelRunner:
     def profile_peak_bytes(self) -> int:
         """Run the largest bucket once (all padding, the sampler with every part compiled
         in) and return the device's peak bytes."""
-        key, mode = max(self.buckets.all_keys()), SamplerMode(filters=True, logprobs=True)
+        key, mode = (
+            max(self.buckets.all_keys()),
+            SamplerMode(filters=True, logprobs=True, adjust=True),
+        )
         hs = self.input_batch.prepare(*(np.zeros(0, np.int32),) * 3, key[0], key[1])
         inputs = self._put_inputs(pack(_to_inputs(hs, key[2]), self._layout(key)))
         forward = self._compile_cached(("profile", key), self._forward, *self._forward_args(key))
@@ -482,6 +490,7 @@ class ModelRunner:
         self._init_row_compiled = self._init_row.lower(
             self.penalty_state, np.int32(0), np.zeros(self.max_model_len, np.int32), np.int32(0)
         ).compile()
+        warm_up_s = self.warm_up() if self.warm_up_steps else 0.0
         total = time.perf_counter() - start
         self.compile_stats = {
             "buckets": len(keys), "executables": len(names),
@@ -489,10 +498,41 @@ class ModelRunner:
             "buckets_compiled": sum(loaded[k] is None for k in keys),
             "executables_loaded": len(names) - len(todo), "executables_compiled": len(todo),
             "load_s": loaded_s, "trace_s": traced_s, "compile_tail_s": compile_tail_s,
-            "total_s": total,
+            "warm_up_s": warm_up_s, "total_s": total,
         }  # fmt: skip
         logger.info("step buckets: %s", self.compile_stats)
         return total
+
+    def warm_up(self) -> float:
+        """Run every compiled executable once, on all-padding steps; returns seconds taken.
+
+        An executable's first run pays one-time costs (loading its kernels, recording its
+        CUDA graphs, cuBLAS set-up) that would otherwise land in the first requests' steps,
+        as vLLM's start-up warm-up and graph capture avoid. A padding step changes no state a
+        request can see: its tokens write the null block's slots, its rows the spare slot
+        of the penalty state and last tokens, and it samples nothing."""
+        start = time.perf_counter()
+        empty = np.zeros(0, np.int32)
+        warmed: set = set()
+        for key in self.buckets.all_keys():
+            hs = self.input_batch.prepare(empty, empty, empty, key[0], key[1])
+            inputs = self._stage_inputs(key, pack(_to_inputs(hs, key[2]), self._layout(key)))
+            self.kv_caches, logits = self._compiled[key](
+                self.params, self.kv_caches, self.last_tokens, inputs
+            )
+            signature = self._sampler_signature(key)
+            for mode in ALL_MODES:
+                if (signature, mode) in warmed:
+                    continue
+                warmed.add((signature, mode))
+                self.penalty_state, self.last_tokens, out = self._samplers[signature, mode](
+                    logits, self.penalty_state, self.last_tokens, inputs, *self._out_arg(key)
+                )
+                if self.stable_buffers:
+                    self._out_bufs[key] = out
+            jax.block_until_ready(self.kv_caches)
+        jax.block_until_ready((self.penalty_state, self.last_tokens))
+        return time.perf_counter() - start
 
     @property
     def num_compiled(self) -> int:
@@ -564,9 +604,9 @@ class ModelRunner:
         wants_logprobs = batch.logprobs[slots] >= 0
         want_lp = bool(wants_logprobs.any())
         sp = hs.sampling
-        rows = sp["sample_mask"]  # rows mid-prefill sample nothing: their filters don't count
-        mode = SamplerMode.for_rows(sp["top_k"][rows], sp["top_p"][rows], sp["min_p"][rows],
-                                    want_lp)  # fmt: skip
+        rows = sp["sample_mask"]  # rows mid-prefill sample nothing: their settings don't count
+        mode = SamplerMode.for_rows({k: sp[k][rows] for k in MODE_FIELDS}, want_lp,
+                                    self.config.vocab_size).compiled()  # fmt: skip
         packed = pack(_to_inputs(hs, key[2]), self._layout(key))
         out = self._launch(lambda: self._run_step(key, mode, packed))
         sample_mask = hs.sampling["sample_mask"][: len(req_ids)]
