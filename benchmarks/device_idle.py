@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/device_idle.py --out $OUT [--model llama3-8b] [--smoke]
         [--points B1_ctx512,B128_ctx512,P256_in128] [--no-xla]
+        [--max-num-seqs 256] [--max-num-batched-tokens 2048]
 
 e2e_gpu.py's idle probe sees host gaps between steps only. A launch-bound step also leaves
 the device waiting inside the step, for kernels the host has not launched yet. Here, per
@@ -33,9 +34,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 POINTS = {"B1_ctx512": (1, 512), "B32_ctx1024": (32, 1024), "B128_ctx512": (128, 512),
-          "B256_ctx192": (256, 192)}  # the last: (b)'s decode steps  # fmt: skip
+          "B256_ctx192": (256, 192),  # (b)'s decode steps at max_num_seqs 256
+          "B1000_ctx192": (1000, 192)}  # (b)'s decode steps at max_num_seqs 1024  # fmt: skip
 # Prefill points, "P<prompts>_in<len>": chunked-prefill steps (traced_prefill).
-PREFILL_POINTS = {"P256_in128": (256, 128)}
+PREFILL_POINTS = {"P256_in128": (256, 128), "P1000_in128": (1000, 128)}
 
 
 def busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, float]:
@@ -269,6 +271,8 @@ def main() -> None:
     ap.add_argument("--points", default="", help="comma-separated subset of the points")
     ap.add_argument("--no-xla", action="store_true", help="skip tracing the plain XLA step")
     ap.add_argument("--xla-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     args = ap.parse_args()
     points = {"B1_ctx64": (1, 64), "B4_ctx64": (4, 64)} if args.smoke else POINTS
     prefill = {"P8_in32": (8, 32)} if args.smoke else PREFILL_POINTS
@@ -297,7 +301,8 @@ def main() -> None:
         save()
     from jaxpaged.llm import LLM
 
-    kw = dict(max_model_len=4608, max_num_seqs=256, max_num_batched_tokens=2048)
+    kw = dict(max_model_len=4608, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)  # fmt: skip
     model = args.model
     if args.smoke:
         from benchmarks.e2e_gpu import _tiny_config_dir
