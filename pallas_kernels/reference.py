@@ -93,17 +93,19 @@ def write_kv_reference(
     *,
     layout: str = DEFAULT_LAYOUT,
 ) -> tuple[jax.Array, jax.Array]:
-    """Writes token t's K/V into slot slot_mapping[t], one token at a time (unvectorized)."""
+    """Writes token t's K/V into slot slot_mapping[t], one token at a time (unvectorized);
+    a token whose slot is in the null block 0 is padding and is not written."""
+    bs = _block_size(k_cache, layout)
 
-    def write_one(i, caches):
+    def write(i, caches):
         kc, vc = caches
-        blk, off = (
-            slot_mapping[i] // _block_size(kc, layout),
-            slot_mapping[i] % _block_size(kc, layout),
-        )
+        blk, off = slot_mapping[i] // bs, slot_mapping[i] % bs
         if layout == "NHD":
             return kc.at[blk, off].set(k[i]), vc.at[blk, off].set(v[i])
         return kc.at[blk, :, off].set(k[i]), vc.at[blk, :, off].set(v[i])
+
+    def write_one(i, caches):
+        return jax.lax.cond(slot_mapping[i] < bs, lambda c: c, lambda c: write(i, c), caches)
 
     return jax.lax.fori_loop(0, k.shape[0], write_one, (k_cache, v_cache))
 

@@ -130,19 +130,32 @@ def test_ragged_matches_reference(group, head_dim, block_size, layout, block_kv)
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_write_kv_matches_reference(layout):
+    """20 tokens to distinct slots of blocks 1-5 and 8 padding tokens (slots of the null block
+    0, repeated), interleaved: the real slots hold the new K/V, nothing else changes."""
     rng = np.random.default_rng(7)
-    shape = kv_cache_shape(layout, 6, 16, 2, 64)
+    nb, bs, kh, d = 6, 16, 2, 64
+    shape = kv_cache_shape(layout, nb, bs, kh, d)
     kc = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
     vc = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-    slots = jnp.asarray(rng.permutation(6 * 16)[:20].astype(np.int32))
-    k = jnp.asarray(rng.standard_normal((20, 2, 64)), jnp.bfloat16)
-    v = jnp.asarray(rng.standard_normal((20, 2, 64)), jnp.bfloat16)
+    real = bs + rng.permutation((nb - 1) * bs)[:20]
+    slots_np = np.insert(real, [0, 3, 3, 9, 15, 20, 20, 20], [0, 0, 5, 0, 15, 0, 0, 1])
+    slots = jnp.asarray(slots_np.astype(np.int32))
+    k = jnp.asarray(rng.standard_normal((28, kh, d)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((28, kh, d)), jnp.bfloat16)
     got = jax.jit(lambda *a: write_kv(*a, layout=layout), donate_argnums=(0, 1))(
         kc.copy(), vc.copy(), k, v, slots
     )
     want = write_kv_reference(kc, vc, k, v, slots, layout=layout)
-    for g, w in zip(got, want, strict=True):
+    for g, w, old, new in zip(got, want, (kc, vc), (k, v), strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        g, old = np.asarray(g), np.asarray(old)
+        if layout == "HND":  # compare token-major: [blocks, block_size, K, D]
+            g, old = g.swapaxes(1, 2), old.swapaxes(1, 2)
+        g, old = g.reshape(nb * bs, kh, d), old.reshape(nb * bs, kh, d)
+        is_real = slots_np >= bs
+        np.testing.assert_array_equal(g[slots_np[is_real]], np.asarray(new)[is_real])
+        untouched = np.setdiff1d(np.arange(nb * bs), slots_np[is_real])
+        np.testing.assert_array_equal(g[untouched], old[untouched])  # null block included
 
 
 def test_validation_names_the_bad_shape():
