@@ -158,8 +158,8 @@ def part_jaxpaged(
     workloads: list[str],
     sync_compare: bool = False,
     compare_depths: tuple[int, ...] = (),
-    max_num_seqs: int = 256,
-    max_num_batched_tokens: int = 2048,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int | None = None,
 ) -> dict:
     os.environ["JAXPAGED_COMPILATION_CACHE"] = cache_dir
     from jaxpaged import bench
@@ -172,6 +172,8 @@ def part_jaxpaged(
         kw = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_blocks=200)
         model = _tiny_config_dir(model)
     llm = LLM(model, load_format="dummy", **kw)
+    sched = llm.config.scheduler  # the engine's defaults where the flags left them unset
+    kw.update(max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens)
     res = {"startup_s": time.perf_counter() - start, "compile_s": llm.compile_seconds,
            "num_buckets": llm.model_runner.num_compiled, "engine_args": kw,
            "num_kv_blocks": llm.model_runner.num_blocks,
@@ -329,8 +331,10 @@ def main() -> None:
         default="",
         help="comma list of async depths to run (b) and the decode steps at as well",
     )
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
+    ap.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="default: the engine's"
+    )
     ap.add_argument(
         "--skip", default="", help="comma list of parts to skip (jaxpaged, warm, xla, hf)"
     )

@@ -115,10 +115,9 @@ class LLM:
         self.dtype = _resolve_dtype(dtype)
         on_cpu = jax.default_backend() == "cpu"
         max_model_len = self._max_model_len(model_config, max_model_len)
-        max_num_seqs = max_num_seqs or (16 if on_cpu else 256)
-        max_num_batched_tokens = max_num_batched_tokens or max(
-            256 if on_cpu else 2048, max_num_seqs
-        )
+        default_seqs, default_tokens = kv_sizing.default_batch_limits(for_server=False)
+        max_num_seqs = max_num_seqs or default_seqs
+        max_num_batched_tokens = max_num_batched_tokens or max(default_tokens, max_num_seqs)
         scheduler_config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,

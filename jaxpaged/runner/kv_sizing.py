@@ -33,6 +33,23 @@ def blocks_per_seq(max_model_len: int, block_size: int) -> int:
     return -(-max_model_len // block_size)
 
 
+LARGE_GPU_BYTES = 70 * 2**30
+
+
+def default_batch_limits(for_server: bool = False) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) where the user sets neither; vLLM's choice by
+    device: on GPUs of >= 70 GiB other than the A100, 1024 sequences and 16,384 tokens per
+    step for offline generation and 8,192 for the server (whose steps' time is its requests'
+    latency); on smaller GPUs 256 and 8,192 / 2,048. On CPU, 16 and 256."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return 16, 256
+    total = (device.memory_stats() or {}).get("bytes_limit", 0) / envs.xla_mem_fraction()
+    if total >= LARGE_GPU_BYTES and "A100" not in device.device_kind:
+        return 1024, 8192 if for_server else 16384
+    return 256, 2048 if for_server else 8192
+
+
 def gpu_kv_budget(peak_bytes_in_use: int, gpu_memory_utilization: float) -> int:
     """Bytes the pool may take, given the peak measured in the profiling step."""
     stats = jax.devices()[0].memory_stats() or {}
