@@ -177,6 +177,7 @@ def part_jaxpaged(
     res = {"startup_s": time.perf_counter() - start, "compile_s": llm.compile_seconds,
            "num_buckets": llm.model_runner.num_compiled, "engine_args": kw,
            "num_kv_blocks": llm.model_runner.num_blocks,
+           "block_size": llm.config.cache.block_size,
            "compile_stats": llm.model_runner.compile_stats}  # fmt: skip
     scale = 0.02 if smoke else 1.0
     specs = {

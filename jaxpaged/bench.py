@@ -80,9 +80,12 @@ def run_throughput(llm, args) -> dict:
     vocab = llm.config.model.vocab_size
     prompts, params = make_requests(args.num_prompts, args.input_len, args.output_len, vocab,
                                     args.seed, args.random_range)  # fmt: skip
+    scheduler = llm.engine.scheduler
+    preemptions = scheduler.num_preemptions_total
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    preemptions = scheduler.num_preemptions_total - preemptions
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     num_in = sum(len(p) for p in prompts)
     # Cached tokens the decode steps' attention reads: output j >= 1 of a prompt of n tokens
@@ -98,6 +101,7 @@ def run_throughput(llm, args) -> dict:
         "num_input_tokens": num_in,
         "num_output_tokens": num_out,
         "decode_kv_token_reads": kv_reads,
+        "num_preemptions": preemptions,
     }
 
 

@@ -2,10 +2,14 @@
 
 A step is padded to a (num_tokens, num_reqs, decode_only) bucket:
 - decode steps (one token per request): T == R, R a power of two up to max_num_seqs;
-- other steps: T a power of two from 16 up to max_num_batched_tokens, and R = min(T,
+- other steps: T a power of two from 128 up to max_num_batched_tokens, and R = min(T,
   max_num_seqs), the most requests T tokens can hold. Padding requests cost only per-request
   work (a block-table row, one logits row and its sampling), small next to T tokens through
-  the model, and one R per T halves the buckets to trace and compile at start-up.
+  the model, and one R per T halves the buckets to trace and compile at start-up. Up to 128
+  tokens the matmuls stay memory-bound (T tokens make ~T FLOP per weight byte; an H200's
+  matmul rate over its copy bandwidth is ~240), so a step takes about its weight-read time
+  whatever T, and smaller mixed buckets would only add start-up time: ~2 s of tracing per
+  bucket on the 8B shape (46 s for 22 buckets, docs/benchmarks.md).
 Every real step maps to exactly one bucket, so the serving loop never compiles.
 """
 
@@ -13,6 +17,9 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+
+MIN_MIXED_TOKENS = 128
+"""The smallest mixed-step bucket (or max_num_batched_tokens, if smaller)."""
 
 
 def _powers(start: int, factor: int, limit: int) -> list[int]:
@@ -33,7 +40,9 @@ class Buckets:
     def make(cls, max_num_seqs: int, max_num_batched_tokens: int) -> Buckets:
         return cls(
             decode_reqs=tuple(_powers(1, 2, max_num_seqs)),
-            mixed_tokens=tuple(_powers(16, 2, max_num_batched_tokens)),
+            mixed_tokens=tuple(
+                _powers(min(MIN_MIXED_TOKENS, max_num_batched_tokens), 2, max_num_batched_tokens)
+            ),
             max_num_seqs=max_num_seqs,
         )
 

@@ -27,5 +27,9 @@ def test_every_step_fits_exactly_one_compiled_bucket(max_num_seqs, max_tokens):
 
 def test_bucket_count_llama_serving_defaults():
     keys = Buckets.make(256, 2048).all_keys()
-    assert len(keys) == 9 + 8  # decode 1..256, mixed 16..2048
+    assert len(keys) == 9 + 5  # decode 1..256, mixed 128..2048
     assert max(keys) == (2048, 256, False)
+    keys = Buckets.make(1024, 16384).all_keys()  # vLLM's offline defaults on an H100/H200
+    assert len(keys) == 11 + 8  # decode 1..1024, mixed 128..16384
+    assert min(k for k in keys if not k[2]) == (128, 128, False)
+    assert Buckets.make(8, 64).mixed_tokens == (64,)  # a budget under 128 is one bucket
