@@ -98,11 +98,14 @@ class LLM:
         distributed_coordinator: str | None = None,
         num_processes: int = 1,
         process_id: int = 0,
+        usage_context: str = "llm",
     ) -> None:
         if distributed_coordinator is not None:
             from jaxpaged.sharding import init_distributed
 
             init_distributed(distributed_coordinator, num_processes, process_id)
+        if usage_context not in ("llm", "server"):
+            raise ValueError(f"usage_context must be 'llm' or 'server', got {usage_context!r}.")
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}.")
         if not 0.0 < gpu_memory_utilization <= 1.0:
@@ -115,9 +118,9 @@ class LLM:
         self.dtype = _resolve_dtype(dtype)
         on_cpu = jax.default_backend() == "cpu"
         max_model_len = self._max_model_len(model_config, max_model_len)
-        default_seqs, default_tokens = kv_sizing.default_batch_limits(for_server=False)
-        max_num_seqs = max_num_seqs or default_seqs
-        max_num_batched_tokens = max_num_batched_tokens or max(default_tokens, max_num_seqs)
+        max_num_seqs, max_num_batched_tokens = kv_sizing.resolve_batch_limits(
+            max_num_seqs, max_num_batched_tokens, for_server=usage_context == "server"
+        )
         scheduler_config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,

@@ -154,21 +154,17 @@ def build_server(llm, args: argparse.Namespace) -> tuple[DrainingServer, AsyncEn
 
 def run(args: argparse.Namespace) -> int:
     from jaxpaged.llm import LLM  # jax is imported here, not when the CLI parses flags
-    from jaxpaged.runner.kv_sizing import default_batch_limits
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     kwargs = {k: getattr(args, k) for k in _LLM_KWARGS if getattr(args, k, None) is not None}
-    # The server's own defaults (vLLM's): shorter steps than offline generation's.
-    seqs, tokens = default_batch_limits(for_server=True)
-    kwargs.setdefault("max_num_seqs", seqs)
-    kwargs.setdefault("max_num_batched_tokens", max(tokens, kwargs["max_num_seqs"]))
     accepted = inspect.signature(LLM).parameters
     for key in [k for k in kwargs if k not in accepted]:
         if key == "tensor_parallel_size" and kwargs[key] == 1:
             del kwargs[key]
         else:
             raise SystemExit(f"--{key.replace('_', '-')} is not supported by this build's LLM.")
-    llm = LLM(model=args.model, **kwargs)
+    # usage_context: the server's default sizes (vLLM's), shorter steps than offline ones.
+    llm = LLM(model=args.model, usage_context="server", **kwargs)
     if (args.num_processes or 1) > 1:
         return _run_multiprocess(llm, args)
     server, async_engine = build_server(llm, args)

@@ -50,6 +50,16 @@ def default_batch_limits(for_server: bool = False) -> tuple[int, int]:
     return 256, 2048 if for_server else 8192
 
 
+def resolve_batch_limits(
+    max_num_seqs: int | None, max_num_batched_tokens: int | None, for_server: bool = False
+) -> tuple[int, int]:
+    """The user's sizes, each unset one taken from default_batch_limits; the token budget
+    is at least max_num_seqs (a decode step of every sequence must fit)."""
+    default_seqs, default_tokens = default_batch_limits(for_server)
+    max_num_seqs = max_num_seqs or default_seqs
+    return max_num_seqs, max_num_batched_tokens or max(default_tokens, max_num_seqs)
+
+
 def gpu_kv_budget(peak_bytes_in_use: int, gpu_memory_utilization: float) -> int:
     """Bytes the pool may take, given the peak measured in the profiling step."""
     stats = jax.devices()[0].memory_stats() or {}

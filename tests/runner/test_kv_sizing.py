@@ -1,6 +1,5 @@
 """Default batch limits by device (vLLM's), and the server's own defaults reaching the LLM."""
 
-import argparse
 from types import SimpleNamespace
 
 import jax
@@ -32,46 +31,42 @@ def test_default_batch_limits_by_device(monkeypatch, device, offline, server):
     assert kv_sizing.default_batch_limits(for_server=True) == server
 
 
-def _serve_args(**given):
-    from server import cli
-
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    args = parser.parse_args([])
-    for key, value in given.items():
-        setattr(args, key, value)
-    return cli, args
-
-
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize(
-    "given,want",
+    "given,for_server,want",
     [
-        ({}, (1024, 8192)),
-        ({"max_num_seqs": 64}, (64, 8192)),
-        ({"max_num_seqs": 9000}, (9000, 9000)),
-        ({"max_num_batched_tokens": 4096}, (1024, 4096)),
+        ((None, None), False, (1024, 16384)),
+        ((None, None), True, (1024, 8192)),
+        ((64, None), True, (64, 8192)),
+        ((9000, None), True, (9000, 9000)),  # a decode step of every sequence fits
+        ((None, 4096), False, (1024, 4096)),
+        ((8, 32), False, (8, 32)),
     ],
 )
-def test_serve_passes_the_server_defaults_to_llm(monkeypatch, given, want):
+def test_unset_sizes_take_the_defaults(monkeypatch, given, for_server, want):
+    monkeypatch.setattr(jax, "devices", lambda: [_device("gpu", "NVIDIA H200", 141e9)])
+    assert kv_sizing.resolve_batch_limits(*given, for_server=for_server) == want
+
+
+def test_serve_builds_its_llm_with_the_server_defaults(monkeypatch):
+    """`jaxpaged serve` asks LLM for the server's sizes, and passes only the flags given
+    (the defaults are resolved inside LLM, after a multi-host run's distributed set-up)."""
+    import argparse
+
     import jaxpaged.llm
+    from server import cli
 
     seen = {}
 
-    def fake_llm(model=None, max_num_seqs=None, max_num_batched_tokens=None):
-        seen.update(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-        raise _Stop
+    class Stop(Exception):
+        pass
+
+    def fake_llm(model=None, usage_context="llm", max_num_seqs=None):
+        seen.update(usage_context=usage_context, max_num_seqs=max_num_seqs)
+        raise Stop
 
     monkeypatch.setattr(jaxpaged.llm, "LLM", fake_llm)
-    monkeypatch.setattr(
-        kv_sizing,
-        "default_batch_limits",
-        lambda for_server=False: (1024, 8192 if for_server else 1),
-    )
-    cli, args = _serve_args(**given)
-    with pytest.raises(_Stop):
-        cli.run(args)
-    assert (seen["max_num_seqs"], seen["max_num_batched_tokens"]) == want
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    with pytest.raises(Stop):
+        cli.run(parser.parse_args(["--max-num-seqs", "64"]))
+    assert seen == {"usage_context": "server", "max_num_seqs": 64}
