@@ -47,8 +47,8 @@ def throughput_roofline(jp: dict, workload: str, ceilings: dict) -> tuple[float,
     - compute: every token through the layers (2 FLOP per parameter; attention not counted)
       and every output token's row through the lm_head;
     - memory: the decode steps' KV reads, plus the weights once per step, for the fewest
-      steps this engine's max_num_seqs, max_num_batched_tokens and KV pool allow (the pool
-      holds at most pool tokens / mean request length requests at once)."""
+      steps this engine's max_num_seqs, max_num_batched_tokens and KV pool allow (a decode
+      step reads at most the pool's tokens)."""
     w = jp.get(workload, {})
     if "layer_params" not in jp or "num_input_tokens" not in w:
         return None
@@ -60,12 +60,10 @@ def throughput_roofline(jp: dict, workload: str, ceilings: dict) -> tuple[float,
     times = {"compute": flops / (ceilings["matmul_TFLOPs"] * 1e12)}
     if "decode_kv_token_reads" in w and "engine_args" in jp:
         e = jp["engine_args"]
-        seqs = e["max_num_seqs"]
+        steps = max(out / e["max_num_seqs"], passes / e["max_num_batched_tokens"])
         if jp.get("num_kv_blocks"):
-            mean_len = (w["num_input_tokens"] + out) / w["num_requests"]
             pool = (jp["num_kv_blocks"] - 1) * jp.get("block_size", 16)
-            seqs = max(1.0, min(seqs, pool / mean_len))
-        steps = max(out / seqs, passes / e["max_num_batched_tokens"])
+            steps = max(steps, w["decode_kv_token_reads"] / pool)
         kv_bytes = w["decode_kv_token_reads"] * jp["kv_bytes_per_token"]
         moved = kv_bytes + steps * step_weight_bytes(jp)
         times["memory"] = moved / (ceilings["copy_GBps"] * 1e9)

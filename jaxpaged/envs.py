@@ -20,8 +20,10 @@ def compilation_cache_dir() -> str | None:
 
 
 def xla_mem_fraction() -> float:
-    """Fraction of GPU memory JAX's allocator reserves (XLA_PYTHON_CLIENT_MEM_FRACTION);
-    with preallocation off (XLA_PYTHON_CLIENT_PREALLOCATE=false) the whole device counts."""
-    if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0"):
-        return 1.0
-    return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    """Fraction of GPU memory JAX's allocator may use (XLA_CLIENT_MEM_FRACTION, or its old
+    name XLA_PYTHON_CLIENT_MEM_FRACTION; 0.75 by default). With preallocation off the BFC
+    allocator keeps the same limit (JAX's GPU memory documentation), so it counts too."""
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        if os.environ.get(name):
+            return float(os.environ[name])
+    return 0.75

@@ -8,7 +8,7 @@ Padding tokens point at slots of the null block 0. They are not written: each is
 own slot past the pool's end, which the scatter drops, so that every index is distinct and the
 scatter can say so (`unique_indices`). Without that promise XLA:GPU updates every element with
 an atomic read-modify-write (a compare-and-swap loop for 16-bit types), which held the write to
-~0.2 TB/s: 8.4 ms of a 35 ms, 16,384-token prefill step on the Qwen3-0.6B shape (H200,
+~0.14 TB/s: 13.5 ms of a ~50 ms, 16,384-token prefill step on the Qwen3-0.6B shape (H200,
 docs/benchmarks.md). Real tokens' slots are distinct: a step writes each slot at most once.
 """
 

@@ -4,7 +4,8 @@ A step holds T tokens (padded to a bucket) of R requests (padded to a bucket). R
 tokens query_start_loc[r] : query_start_loc[r + 1]; they are the last query lengths of its
 seq_lens[r] tokens, so the token at flat index t sits at position
 seq_lens[r] - (query_start_loc[r + 1] - t). Padding requests have zero query length and
-seq_len 0; padding tokens write into the null block 0 and their outputs are ignored.
+seq_len 0; padding tokens' slots are in the null block 0 (the reference backend writes
+them there, the Pallas backend drops them) and their outputs are ignored.
 
     block_tables[r] : [b0, b1, b2, 0, 0]     token i of request r lives in
                                              block block_tables[r, i // block_size],

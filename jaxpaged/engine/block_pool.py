@@ -10,7 +10,7 @@ Every block is in exactly one of two states:
     free queue:  head -> [least recently freed ... most recently freed] <- tail
                  get_new_blocks pops from the head; free_blocks appends to the tail
 
-Block 0 is the null block: padding tokens write into it, so it is never handed out.
+Block 0 is the null block: padding tokens' slots point into it, so it is never handed out.
 Hash keys are full sha256 digests (bytes), so two different prefixes never share a key.
 """
 

@@ -40,12 +40,16 @@ def default_batch_limits(for_server: bool = False) -> tuple[int, int]:
     """(max_num_seqs, max_num_batched_tokens) where the user sets neither; vLLM's choice by
     device: on GPUs of >= 70 GiB other than the A100, 1024 sequences and 16,384 tokens per
     step for offline generation and 8,192 for the server (whose steps' time is its requests'
-    latency); on smaller GPUs 256 and 8,192 / 2,048. On CPU, 16 and 256."""
-    device = jax.devices()[0]
+    latency); on smaller GPUs 256 and 8,192 / 2,048. On CPU, 16 and 256. The device is this
+    process's first (the hosts of one mesh have the same GPUs)."""
+    device = jax.local_devices()[0]
     if device.platform == "cpu":
         return 16, 256
-    total = (device.memory_stats() or {}).get("bytes_limit", 0) / envs.xla_mem_fraction()
-    if total >= LARGE_GPU_BYTES and "A100" not in device.device_kind:
+    limit = (device.memory_stats() or {}).get("bytes_limit", 0)
+    if not limit:  # e.g. XLA_PYTHON_CLIENT_ALLOCATOR=platform: no allocator limit to read
+        logger.warning("GPU memory unknown: default max_num_seqs / max_num_batched_tokens "
+                       "are those of a GPU under 70 GiB")  # fmt: skip
+    if limit / envs.xla_mem_fraction() >= LARGE_GPU_BYTES and "A100" not in device.device_kind:
         return 1024, 8192 if for_server else 16384
     return 256, 2048 if for_server else 8192
 
@@ -53,16 +57,23 @@ def default_batch_limits(for_server: bool = False) -> tuple[int, int]:
 def resolve_batch_limits(
     max_num_seqs: int | None, max_num_batched_tokens: int | None, for_server: bool = False
 ) -> tuple[int, int]:
-    """The user's sizes, each unset one taken from default_batch_limits; the token budget
-    is at least max_num_seqs (a decode step of every sequence must fit)."""
+    """The user's sizes, each unset one taken from default_batch_limits (the device is not
+    queried when both are set). A default token budget is at least max_num_seqs, and a
+    default max_num_seqs at most the user's token budget, so a decode step of every sequence
+    fits in a step."""
+    if max_num_seqs and max_num_batched_tokens:
+        return max_num_seqs, max_num_batched_tokens
     default_seqs, default_tokens = default_batch_limits(for_server)
-    max_num_seqs = max_num_seqs or default_seqs
-    return max_num_seqs, max_num_batched_tokens or max(default_tokens, max_num_seqs)
+    if not max_num_seqs:
+        max_num_seqs = min(default_seqs, max_num_batched_tokens or default_seqs)
+    sizes = max_num_seqs, max_num_batched_tokens or max(default_tokens, max_num_seqs)
+    logger.info("max_num_seqs=%d, max_num_batched_tokens=%d", *sizes)
+    return sizes
 
 
 def gpu_kv_budget(peak_bytes_in_use: int, gpu_memory_utilization: float) -> int:
     """Bytes the pool may take, given the peak measured in the profiling step."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit", 0)
     total = limit / envs.xla_mem_fraction()
     # Headroom inside the allocator: the profiled step is one bucket; the others, cuBLAS

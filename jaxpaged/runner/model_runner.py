@@ -272,7 +272,7 @@ class ModelRunner:
         )
         jax.block_until_ready(out)
         self._out_bufs.pop(key, None)  # donated
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = jax.local_devices()[0].memory_stats() or {}
         return int(stats.get("peak_bytes_in_use", 0))
 
     def _compile_cached(self, name, fn, args, statics) -> jax.stages.Compiled:
@@ -509,7 +509,7 @@ class ModelRunner:
         An executable's first run pays one-time costs (loading its kernels, recording its
         CUDA graphs, cuBLAS set-up) that would otherwise land in the first requests' steps,
         as vLLM's start-up warm-up and graph capture avoid. A padding step changes no state a
-        request can see: its tokens write the null block's slots, its rows the spare slot
+        request can see: its tokens' slots are the null block's, its rows the spare slot
         of the penalty state and last tokens, and it samples nothing."""
         start = time.perf_counter()
         empty = np.zeros(0, np.int32)

@@ -26,7 +26,7 @@ def _device(platform, kind, total_bytes):
     ],
 )
 def test_default_batch_limits_by_device(monkeypatch, device, offline, server):
-    monkeypatch.setattr(jax, "devices", lambda: [device])
+    monkeypatch.setattr(jax, "local_devices", lambda: [device])
     assert kv_sizing.default_batch_limits() == offline
     assert kv_sizing.default_batch_limits(for_server=True) == server
 
@@ -39,12 +39,36 @@ def test_default_batch_limits_by_device(monkeypatch, device, offline, server):
         ((64, None), True, (64, 8192)),
         ((9000, None), True, (9000, 9000)),  # a decode step of every sequence fits
         ((None, 4096), False, (1024, 4096)),
+        ((None, 512), False, (512, 512)),  # the default seqs fit the user's budget
         ((8, 32), False, (8, 32)),
     ],
 )
 def test_unset_sizes_take_the_defaults(monkeypatch, given, for_server, want):
-    monkeypatch.setattr(jax, "devices", lambda: [_device("gpu", "NVIDIA H200", 141e9)])
+    monkeypatch.setattr(jax, "local_devices", lambda: [_device("gpu", "NVIDIA H200", 141e9)])
     assert kv_sizing.resolve_batch_limits(*given, for_server=for_server) == want
+
+
+def test_set_sizes_do_not_query_the_device(monkeypatch):
+    def no_device():
+        raise AssertionError("queried the device")  # e.g. not addressable on a follower
+
+    monkeypatch.setattr(jax, "local_devices", no_device)
+    assert kv_sizing.resolve_batch_limits(64, 2048) == (64, 2048)
+
+
+@pytest.mark.parametrize(
+    "env,want",
+    [({}, 0.75), ({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}, 0.5),
+     ({"XLA_CLIENT_MEM_FRACTION": "0.6", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}, 0.6),
+     ({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, 0.75)],
+)  # fmt: skip
+def test_mem_fraction_reads_both_names(monkeypatch, env, want):
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                 "XLA_PYTHON_CLIENT_PREALLOCATE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert envs.xla_mem_fraction() == want
 
 
 def test_serve_builds_its_llm_with_the_server_defaults(monkeypatch):
