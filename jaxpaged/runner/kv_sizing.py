@@ -37,11 +37,11 @@ LARGE_GPU_BYTES = 70 * 2**30
 
 
 def default_batch_limits(for_server: bool = False) -> tuple[int, int]:
-    """(max_num_seqs, max_num_batched_tokens) where the user sets neither; vLLM's choice by
-    device: on GPUs of >= 70 GiB other than the A100, 1024 sequences and 16,384 tokens per
-    step for offline generation and 8,192 for the server (whose steps' time is its requests'
-    latency); on smaller GPUs 256 and 8,192 / 2,048. On CPU, 16 and 256. The device is this
-    process's first (the hosts of one mesh have the same GPUs)."""
+    """The default (max_num_seqs, max_num_batched_tokens) for sizes the user leaves unset;
+    vLLM's choice by device: on GPUs of >= 70 GiB other than the A100, 1024 sequences and
+    16,384 tokens per step for offline generation and 8,192 for the server (whose steps'
+    time is its requests' latency); on smaller GPUs 256 and 8,192 / 2,048. On CPU, 16 and
+    256. The device is this process's first (the hosts of one mesh have the same GPUs)."""
     device = jax.local_devices()[0]
     if device.platform == "cpu":
         return 16, 256
