@@ -254,10 +254,8 @@ class ModelRunner:
     def profile_peak_bytes(self) -> int:
         """Run the largest bucket once (all padding, the sampler with every part compiled
         in) and return the device's peak bytes."""
-        key, mode = (
-            max(self.buckets.all_keys()),
-            SamplerMode(filters=True, logprobs=True, adjust=True),
-        )
+        key = max(self.buckets.all_keys())
+        mode = SamplerMode(filters=True, logprobs=True, adjust=True)  # every part compiled in
         hs = self.input_batch.prepare(*(np.zeros(0, np.int32),) * 3, key[0], key[1])
         inputs = self._put_inputs(pack(_to_inputs(hs, key[2]), self._layout(key)))
         forward = self._compile_cached(("profile", key), self._forward, *self._forward_args(key))
