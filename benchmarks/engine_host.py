@@ -1,16 +1,16 @@
 """The engine's own host work per step at full batch, without a device (runs on any CPU).
 
     PYTHONPATH=. python benchmarks/engine_host.py [--batch 256] [--rounds 5] [--out DIR]
+        [--max-num-seqs 256] [--max-num-batched-tokens 2048]
 
 The real Engine, Scheduler, KVCacheManager and OutputProcessor, async scheduling at depth 1,
 driven by the tests' scripted model runner (tests/engine/test_engine.py: it tracks tokens
 from the diffs and samples a fixed script, so it does no device work). Each round submits
 `batch` prompts of 160 tokens with 64 greedy output tokens (ignore_eos, no detokenizer: the
-dummy-weight benchmarks' setting) on a 256-seq / 2048-token engine and times every call of
-schedule, update_from_output and process_outputs; the medians are over the steps in which
-all `batch` requests are running. Results: a line per stage (one median per round) and
-$OUT/engine_host.json.
-"""
+dummy-weight benchmarks' setting) on a 256-seq / 2048-token engine (or the sizes given) and
+times every call of schedule, update_from_output and process_outputs; the medians are over
+the steps in which all `batch` requests are running. Results: a line per stage (one median
+per round) and $OUT/engine_host.json."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ STAGES = [("scheduler", "schedule"), ("scheduler", "update_from_output"),
           ("output_processor", "process_outputs")]  # fmt: skip
 
 
-def run(batch: int, rounds: int) -> dict[str, list[float]]:
+def run(batch: int, rounds: int, max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048) -> dict[str, list[float]]:  # fmt: skip
     from jaxpaged.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from jaxpaged.engine.engine import Engine
     from jaxpaged.sampling_params import SamplingParams
@@ -39,11 +40,11 @@ def run(batch: int, rounds: int) -> dict[str, list[float]]:
                         eos_token_ids=(999,))  # fmt: skip
     config = EngineConfig(
         model=model,
-        cache=CacheConfig(block_size=16, num_blocks=8000),
+        cache=CacheConfig(block_size=16, num_blocks=max(8000, 16 * max_num_seqs)),
         scheduler=SchedulerConfig(
             max_model_len=512,
-            max_num_seqs=256,
-            max_num_batched_tokens=2048,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
             async_scheduling=True,
             async_depth=1,
         ),  # fmt: skip
@@ -80,9 +81,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    res = run(args.batch, args.rounds)
+    res = run(args.batch, args.rounds, args.max_num_seqs, args.max_num_batched_tokens)
     for name, vals in res.items():
         print(f"{name:20s} ms/step:", " ".join(f"{v:.3f}" for v in vals))
     if args.out:

@@ -6,11 +6,13 @@
 The e2e workloads (b) 1000 x 128/128 and (c) 1000 x 1024/512 run through `bench`'s
 throughput path (vLLM's sampling settings, ignore_eos) with the model runner's dispatch and
 collect wrapped. Per step it records the scheduled requests, tokens and decode rows, the
-bucket, the host time inside dispatch, and when its collect returned. With asynchronous
-scheduling and a device-bound run, the time between consecutive collects is the step's
-device period, so the steps' periods, grouped by kind (decode-only / mixed) and by bucket,
-split the workload's elapsed time; what is left is host time before the first step and after
-the last. Results: $OUT/step_timeline_<model>.json (every step) and a summary printed.
+bucket, the host time inside dispatch and collect, and when its collect returned; the
+engine's other host stages (schedule, update_from_output, process_outputs) are timed per
+call. With asynchronous scheduling and a device-bound run, the time between consecutive
+collects is the step's device period, so the steps' periods, grouped by kind (decode-only /
+mixed) and by bucket, split the workload's elapsed time; what is left is host time before
+the first step and after the last. Results: $OUT/step_timeline_<model>.json (every step) and
+a summary printed.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPECS = {"b": (1000, 128, 128), "c": (1000, 1024, 512)}
 
 
-def record_steps(llm, run) -> tuple[list[dict], float, float]:
-    """Run `run()` with the runner's dispatch / collect recorded; returns
-    (steps in collect order, run's start and end on perf_counter)."""
+def record_steps(llm, run, host_stages: dict) -> tuple[list[dict], float, float]:
+    """Run `run()` with the runner's dispatch / collect recorded, and the engine's other
+    host stages timed into host_stages (name -> [calls, seconds]); returns (steps in
+    collect order, run's start and end on perf_counter)."""
     runner = llm.model_runner
     dispatch, collect = runner.dispatch, runner.collect
     pending: dict[int, dict] = {}
@@ -50,20 +53,43 @@ def record_steps(llm, run) -> tuple[list[dict], float, float]:
         return handle
 
     def collecting(handle):
+        t0 = time.perf_counter()
         out = collect(handle)
         rec = pending.pop(id(handle), None)
         if rec is not None:
             rec["collected"] = time.perf_counter()
+            rec["collect_s"] = rec["collected"] - t0
             steps.append(rec)
         return out
 
     runner.dispatch, runner.collect = dispatching, collecting
+    engine = llm.engine
+    stages = [(engine.scheduler, "schedule"), (engine.scheduler, "update_from_output"),
+              (engine.output_processor, "process_outputs")]  # fmt: skip
+    for obj, name in stages:
+        setattr(obj, name, _timed(getattr(obj, name), host_stages.setdefault(name, [0, 0.0])))
     start = time.perf_counter()
     try:
         run()
     finally:
         del runner.dispatch, runner.collect
+        for obj, name in stages:
+            delattr(obj, name)
     return steps, start, time.perf_counter()
+
+
+def _timed(fn, row: list):
+    """fn, counting its calls and seconds into row = [calls, seconds]."""
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            row[0] += 1
+            row[1] += time.perf_counter() - t0
+
+    return timed
 
 
 def summarize(steps: list[dict], start: float, end: float) -> dict:
@@ -80,15 +106,17 @@ def summarize(steps: list[dict], start: float, end: float) -> dict:
         kind = "decode" if rec["ones"] == rec["reqs"] else "mixed"
         for table, key in ((kinds, kind), (buckets, str(rec["bucket"]))):
             row = table.setdefault(key, {"steps": 0, "period_s": 0.0, "dispatch_s": 0.0,
-                                         "tokens": 0, "reqs": 0})  # fmt: skip
+                                         "collect_s": 0.0, "tokens": 0, "reqs": 0})  # fmt: skip
             row["steps"] += 1
             row["period_s"] += rec["period_s"]
             row["dispatch_s"] += rec["dispatch_s"]
+            row["collect_s"] += rec["collect_s"]
             row["tokens"] += rec["tokens"]
             row["reqs"] += rec["reqs"]
     for row in (*kinds.values(), *buckets.values()):
         row["mean_period_ms"] = 1e3 * row["period_s"] / row["steps"]
         row["mean_dispatch_ms"] = 1e3 * row["dispatch_s"] / row["steps"]
+        row["mean_collect_ms"] = 1e3 * row["collect_s"] / row["steps"]
     head, tail = steps[0]["dispatch_start"] - start, end - steps[-1]["collected"]
     for rec in steps:  # seconds from the run's start
         rec["dispatch_start"] -= start
@@ -140,10 +168,16 @@ def main() -> None:
         spec = argparse.Namespace(seed=0, num_prompts=num, input_len=n_in, output_len=n_out,
                                   random_range=None)  # fmt: skip
         result: dict = {}
+        stages: dict = {}
         steps, start, end = record_steps(
-            llm, lambda spec=spec, result=result: result.update(bench.run_throughput(llm, spec))
+            llm,
+            lambda spec=spec, result=result: result.update(bench.run_throughput(llm, spec)),
+            stages,
         )
         summary = summarize(steps, start, end)
+        summary["host_stages_ms_per_call"] = {
+            k: 1e3 * t / max(n, 1) for k, (n, t) in stages.items()
+        }
         results["workloads"][name] = {"throughput": result, "summary": summary, "steps": steps}
         print(name, json.dumps({"throughput": result, "summary": summary}, indent=1), flush=True)
         with open(path, "w") as fh:

@@ -144,4 +144,11 @@ class SamplingParams:
             self._all_stop_token_ids = set(self.stop_token_ids) | set(eos_token_ids)
 
     def clone(self) -> SamplingParams:
-        return copy.deepcopy(self)
+        """A copy whose containers (stop, stop_token_ids, logit_bias, the stop id set) are
+        its own. Their items are immutable, so this equals a deep copy at a fraction of its
+        cost (the engine clones twice per request)."""
+        new = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, list | dict | set):
+                setattr(new, name, value.copy())
+        return new

@@ -94,8 +94,8 @@ class Engine:
         """Validates and queues a request; raises ValueError (-> HTTP 400) on bad input."""
         n = sampling_params.n
         ids = {request_id} | {child_request_id(i, request_id, n) for i in range(n)}
-        in_use = self.output_processor.parents.keys() | self.output_processor.child_to_parent.keys()
-        if ids & in_use:
+        parents, children = self.output_processor.parents, self.output_processor.child_to_parent
+        if any(i in parents or i in children for i in ids):
             raise ValueError(f"Request id {request_id!r} is already in use.")
         prompt_token_ids = list(prompt_token_ids)
         max_tokens = self._validate(prompt_token_ids, sampling_params)
@@ -123,11 +123,10 @@ class Engine:
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("The prompt is empty; at least one token is required.")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            bad = next(t for t in prompt_token_ids if not 0 <= t < self.vocab_size)
             raise ValueError(
-                f"Token id {bad[0]} is out of vocabulary; token ids must be in "
-                f"[0, {self.vocab_size})."
+                f"Token id {bad} is out of vocabulary; token ids must be in [0, {self.vocab_size})."
             )
         max_len = self.max_model_len
         if params.max_tokens is None:
@@ -233,11 +232,14 @@ class Engine:
         return processed.request_outputs
 
     def _count_tokens(self, updates: list[RequestUpdate]) -> None:
+        generated = prompts = 0
         for update in updates:
             num_new = len(update.new_token_ids)
-            self.generation_tokens_total += num_new
+            generated += num_new
             if num_new and update.request.num_output_tokens == num_new:
-                self.prompt_tokens_total += update.request.num_prompt_tokens
+                prompts += update.request.num_prompt_tokens
+        self.generation_tokens_total += generated
+        self.prompt_tokens_total += prompts
 
     def get_stats(self) -> EngineStats:
         return EngineStats(

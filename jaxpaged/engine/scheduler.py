@@ -50,6 +50,8 @@ from jaxpaged.engine.scheduler_output import (
 
 logger = logging.getLogger(__name__)
 
+_RUNNING, _PREEMPTED = RequestStatus.RUNNING, RequestStatus.PREEMPTED
+
 
 class WaitingQueue:
     """Waiting requests in admission order.
@@ -109,6 +111,11 @@ class Scheduler:
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
         self.max_model_len = scheduler_config.max_model_len
+        threshold = scheduler_config.long_prefill_token_threshold
+        self._prefill_chunk_cap = (
+            threshold if threshold > 0 and scheduler_config.enable_chunked_prefill else 0
+        )
+        """Most tokens one request computes per step (0: no cap besides the budget)."""
         self.kv_cache_manager = KVCacheManager(
             num_blocks=cache_config.num_blocks,
             block_size=cache_config.block_size,
@@ -197,18 +204,22 @@ class Scheduler:
         if not step.preempted:
             self._schedule_waiting(step)
 
-        cached = CachedRequestData()
-        for request in step.scheduled_running:
-            cached.req_ids.append(request.request_id)
-            cached.new_block_ids.append(step.new_block_ids[request.request_id])
-            cached.num_computed_tokens.append(request.num_computed_tokens)
+        running = step.scheduled_running
+        cached = CachedRequestData(
+            req_ids=[request.request_id for request in running],
+            new_block_ids=[step.new_block_ids[request.request_id] for request in running],
+            num_computed_tokens=[request.num_computed_tokens for request in running],
+        )
         # vLLM V1 advances progress at schedule time; the runner gets where each chunk starts.
         scheduled = {}
+        requests, placeholders = self.requests, self.async_scheduling
         for request_id, num_tokens in step.num_scheduled_tokens.items():
-            request = self.requests[request_id]
+            request = requests[request_id]
             request.num_computed_tokens += num_tokens
-            samples = request.num_computed_tokens == request.num_tokens_with_placeholders
-            if samples and self.async_scheduling:
+            samples = request.num_computed_tokens == (
+                len(request.all_token_ids) + request.num_output_placeholders
+            )
+            if samples and placeholders:
                 request.num_output_placeholders += 1
             scheduled[request_id] = (request, samples)
         if scheduled:
@@ -227,37 +238,40 @@ class Scheduler:
         return output
 
     def _num_new_tokens(self, request: Request, num_computed_tokens: int, budget: int) -> int:
-        if request.num_output_placeholders and (
-            request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
-            or request.num_tokens_with_placeholders >= self.max_model_len
+        placeholders = request.num_output_placeholders
+        num_tokens = len(request.all_token_ids) + placeholders
+        if placeholders and (
+            len(request.output_token_ids) + placeholders >= request.max_tokens
+            or num_tokens >= self.max_model_len
         ):
             return 0  # the token in flight ends it (length): nothing more to compute
-        num_new_tokens = request.num_tokens_with_placeholders - num_computed_tokens
-        threshold = self.scheduler_config.long_prefill_token_threshold
-        if threshold > 0 and self.scheduler_config.enable_chunked_prefill:
-            num_new_tokens = min(num_new_tokens, threshold)
+        num_new_tokens = num_tokens - num_computed_tokens
+        if self._prefill_chunk_cap:
+            num_new_tokens = min(num_new_tokens, self._prefill_chunk_cap)
         return min(num_new_tokens, budget)
 
     def _schedule_running(self, step: _Step) -> None:
+        # Runs for every running request every step: locals instead of attribute lookups.
+        num_new, allocate = self._num_new_tokens, self._allocate_or_preempt
+        scheduled, new_block_ids = step.scheduled_running, step.new_block_ids
+        num_scheduled = step.num_scheduled_tokens
         # Iterate over a snapshot: victims leave self.running (and turn PREEMPTED) mid-loop.
         for request in list(self.running):
             if step.token_budget <= 0:
                 break
-            if request.status != RequestStatus.RUNNING:
+            if request.status != _RUNNING:
                 continue
-            num_new_tokens = self._num_new_tokens(
-                request, request.num_computed_tokens, step.token_budget
-            )
+            num_new_tokens = num_new(request, request.num_computed_tokens, step.token_budget)
             if num_new_tokens <= 0:
                 continue  # its sampled token is not back yet, or that token is its last
-            new_blocks = self._allocate_or_preempt(request, num_new_tokens, step)
+            new_blocks = allocate(request, num_new_tokens, step)
             if new_blocks is None:
                 # It was the victim itself. Under fcfs it was the last running request; under
                 # priority the more important ones after it may still fit.
                 continue
-            step.scheduled_running.append(request)
-            step.new_block_ids[request.request_id] = [b.block_id for b in new_blocks]
-            step.num_scheduled_tokens[request.request_id] = num_new_tokens
+            scheduled.append(request)
+            new_block_ids[request.request_id] = [b.block_id for b in new_blocks]
+            num_scheduled[request.request_id] = num_new_tokens
             step.token_budget -= num_new_tokens
 
     def _allocate_or_preempt(
@@ -349,51 +363,49 @@ class Scheduler:
         assert scheduled.keys() == scheduler_output.num_scheduled_tokens.keys(), (
             "update_from_output() must follow schedule() order"
         )
+        # Runs for every scheduled request every step: locals instead of attribute lookups.
         updates = []
+        cache_blocks = self.kv_cache_manager.cache_blocks
+        placeholders = self.async_scheduling
+        logprobs = model_runner_output.logprobs
+        check_stop = self._check_stop
         for request_id, (request, samples) in scheduled.items():
-            if request.is_finished():
+            status = request.status
+            if status > _PREEMPTED:
                 continue  # aborted or stopped while the step ran: its blocks are already free
-            new_token_ids = sampled.get(request_id) or []
+            new_token_ids = sampled.get(request_id)
             assert bool(new_token_ids) == samples, (request, new_token_ids)
-            running = request.status == RequestStatus.RUNNING
+            running = status == _RUNNING
             if running:
                 # The step has written this request's KV, so its full blocks can be shared.
-                self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
+                cache_blocks(request, request.num_computed_tokens)
             if not new_token_ids:
                 continue
-            if self.async_scheduling:
+            if placeholders:
                 request.num_output_placeholders -= len(new_token_ids)
             # A request preempted while this step ran keeps the token: it resumes after it.
-            request.append_output_token_ids(new_token_ids)
-            finished = self._check_stop(request)
+            request.output_token_ids.extend(new_token_ids)
+            request.all_token_ids.extend(new_token_ids)
+            finished = check_stop(request)
             if finished:
                 if running:
                     self.running.remove(request)
                 else:
                     self.waiting.remove(request)
                 self._free_request(request)
-            updates.append(
-                RequestUpdate(
-                    request=request,
-                    new_token_ids=new_token_ids,
-                    new_logprobs=model_runner_output.logprobs.get(request_id),
-                    finished=finished,
-                )
-            )
+            lp = logprobs.get(request_id) if logprobs else None
+            updates.append(RequestUpdate(request, new_token_ids, lp, finished))
         return updates
 
     def _check_stop(self, request: Request) -> bool:
         """Stop token first (so an EOS at the length limit reports 'stop'), then lengths."""
         params = request.sampling_params
-        token_id = request.output_token_ids[-1]
-        if token_id in params.all_stop_token_ids and request.num_output_tokens >= params.min_tokens:
+        output = request.output_token_ids
+        if output[-1] in params.all_stop_token_ids and len(output) >= params.min_tokens:
             request.status = RequestStatus.FINISHED_STOPPED
-            request.stop_reason = token_id if token_id in params.stop_token_ids else None
+            request.stop_reason = output[-1] if output[-1] in params.stop_token_ids else None
             return True
-        if (
-            request.num_output_tokens >= request.max_tokens
-            or request.num_tokens >= self.max_model_len
-        ):
+        if len(output) >= request.max_tokens or len(request.all_token_ids) >= self.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True
         return False

@@ -170,9 +170,9 @@ class InputBatch:
         # min_tokens: the stop ids' bias is -inf until enough tokens were generated.
         num_out = num_known - self.num_prompt_tokens[slots]
         under = num_out < self.min_tokens[slots]
-        bias_vals = self.bias_vals[slots].copy()
+        bias_vals = self.bias_vals[slots]  # fancy indexing copies: the slots stay as they are
         bias_vals[under, MAX_LOGIT_BIAS:] = -np.inf
-        bias_ids = self.bias_ids[slots].copy()
+        bias_ids = self.bias_ids[slots]
         bias_ids[~under, MAX_LOGIT_BIAS:] = self.vocab_size
         rows = {
             "temperature": self.temperature[slots],

@@ -120,3 +120,40 @@ def test_abort_by_child_id_drops_parent_and_ignores_late_updates():
     assert proc.abort_requests(["p", "nope"]) == []
     assert proc.process_outputs([_update(reqs["0_p"], [70])]).request_outputs == []
     assert not proc.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_final_mode_without_text_or_logprobs_skips_middle_steps_but_keeps_every_token(n):
+    # No detokenizer and no logprobs: the steps between a child's first token and its last
+    # are skipped, and its tokens are read off the Request. The output must not change.
+    proc = OutputProcessor(None)  # no tokenizer: no detokenizer
+    params = SamplingParams(n=n, max_tokens=4, detokenize=False)
+    child_ids = proc.add_request("p", None, PROMPT, params, arrival_time=1.0)
+    reqs = {cid: Request(cid, PROMPT, params, 4) for cid in child_ids}
+    assert all(cid in proc._quiet for cid in child_ids)
+    for step in range(4):
+        last = step == 3
+        updates = [_update(reqs[c], [10 * i + step], last) for i, c in enumerate(child_ids)]
+        res = proc.process_outputs(updates, now=2.0 + step)
+        if step < 3:
+            assert res.request_outputs == []
+    (out,) = res.request_outputs
+    assert [c.token_ids for c in out.outputs] == [[10 * i + s for s in range(4)] for i in range(n)]
+    assert [c.finish_reason for c in out.outputs] == ["length"] * n
+    assert out.metrics.first_token_time == 2.0 and out.metrics.last_token_time == 5.0
+    assert not proc._quiet and not proc.has_unfinished_requests()
+
+
+def test_only_final_untexted_requests_without_logprobs_are_quiet():
+    proc = OutputProcessor(build_byte_level_tokenizer())
+    kinds = {
+        "text": SamplingParams(),
+        "delta": SamplingParams(detokenize=False, output_kind="delta"),
+        "logprobs": SamplingParams(detokenize=False, logprobs=0),
+        "quiet": SamplingParams(detokenize=False),
+    }
+    for rid, params in kinds.items():
+        proc.add_request(rid, None, PROMPT, params, arrival_time=0.0)
+    assert proc._quiet == {"quiet"}
+    proc.abort_requests(["quiet"])
+    assert not proc._quiet
