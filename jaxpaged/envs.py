@@ -27,3 +27,9 @@ def xla_mem_fraction() -> float:
         if os.environ.get(name):
             return float(os.environ[name])
     return 0.75
+
+
+def malloc_tuning() -> bool:
+    """Whether the runner sets glibc's malloc thresholds (JAXPAGED_MALLOC_TUNING; '0' turns
+    it off): runner/host_memory.py."""
+    return os.environ.get("JAXPAGED_MALLOC_TUNING") != "0"

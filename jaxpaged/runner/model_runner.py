@@ -44,6 +44,7 @@ from jaxpaged.engine.scheduler_output import LogprobsLists, ModelRunnerOutput, S
 from jaxpaged.models.llama import build_model
 from jaxpaged.runner.buckets import Buckets
 from jaxpaged.runner.executable_cache import ExecutableCache, compile_fresh, describe_backend
+from jaxpaged.runner.host_memory import keep_freed_host_memory
 from jaxpaged.runner.input_batch import HostStep, InputBatch
 from jaxpaged.runner.packing import (
     PackLayout,
@@ -211,6 +212,7 @@ class ModelRunner:
             # switch interval it waited up to that long behind the scheduler's Python work
             # (a staging call took 5.7 ms at batch 128, docs/benchmarks.md). Process-wide.
             sys.setswitchinterval(_SWITCH_INTERVAL_S)
+        keep_freed_host_memory()  # a step's MB-sized numpy inputs reuse their pages
         # compile_all runs every executable once (warm_up); on by default on GPU, where
         # first runs are slow, and off on CPU, where they are not (and tests build many).
         self.warm_up_steps = jax.default_backend() != "cpu" if warm_up is None else warm_up
