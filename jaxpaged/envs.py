@@ -33,3 +33,9 @@ def malloc_tuning() -> bool:
     """Whether the runner sets glibc's malloc thresholds (JAXPAGED_MALLOC_TUNING; '0' turns
     it off): runner/host_memory.py."""
     return os.environ.get("JAXPAGED_MALLOC_TUNING") != "0"
+
+
+def gc_freeze() -> bool:
+    """Whether LLM() freezes its start-up heap out of the garbage collector's full passes
+    (JAXPAGED_GC_FREEZE; '0' turns it off, as the tests do: they build many engines)."""
+    return os.environ.get("JAXPAGED_GC_FREEZE") != "0"

@@ -8,6 +8,7 @@ generate  tokenize -> engine.add_request for all -> engine.step() until done
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -43,6 +44,16 @@ def _enable_compilation_cache() -> None:
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object alive now (the model, the compiled steps, JAX's
+    and the libraries' own state: ~300k objects) out of the garbage collector's reach. They
+    live as long as the engine, yet each full collection walked them all: on the H200 host
+    such a pass stalled one step of a throughput run by ~0.5 s, two or three times per run
+    (docs/benchmarks.md). Objects made later (the requests) are collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 def _resolve_dtype(dtype: str | Any) -> Any:
@@ -164,6 +175,8 @@ class LLM:
         self.model_runner = runner
         self.engine = Engine(self.config, runner, self.tokenizer, seed=seed)
         self._counter = itertools.count()
+        if envs.gc_freeze():
+            freeze_startup_heap()
 
     # ---- set-up helpers -----------------------------------------------------------------
     @staticmethod

@@ -487,3 +487,19 @@ def test_warm_up_runs_every_executable_and_changes_nothing_a_request_sees(tight_
     np.testing.assert_array_equal(np.delete(last, spare), np.delete(before[2], spare))
     got = [o.outputs[0].token_ids for o in tight_llm.generate(prompts, params, use_tqdm=False)]
     assert got == want
+
+
+def test_start_up_heap_is_frozen_out_of_full_collections(hf_model_dir, monkeypatch):
+    import gc
+
+    monkeypatch.setenv("JAXPAGED_GC_FREEZE", "1")
+    gc.unfreeze()
+    try:
+        llm = _llm(hf_model_dir[0])
+        frozen = gc.get_freeze_count()
+        # The engine, runner and model are frozen with the rest of the start-up heap.
+        assert frozen > 10_000
+        assert not any(o is llm.model_runner for o in gc.get_objects())  # out of reach
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    finally:
+        gc.unfreeze()
