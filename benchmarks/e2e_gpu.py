@@ -79,21 +79,21 @@ def _idle_probe(llm):
     import jax
 
     runner = llm.model_runner
-    marks = []  # (dispatched, finished, bucket key)
+    marks = []  # (dispatched, finished, bucket key, enqueued)
     pending: queue.Queue = queue.Queue()
 
     def wait():
         while (item := pending.get()) is not None:
-            t0, fetched, key = item
+            t0, fetched, key, t1 = item
             jax.block_until_ready(fetched)
-            marks.append((t0, time.perf_counter(), key))
+            marks.append((t0, time.perf_counter(), key, t1))
 
     run_step = runner._run_step
 
     def probed(key, *args):
         t0 = time.perf_counter()
         fetched = run_step(key, *args)  # fresh arrays, never donated to a later step
-        pending.put((t0, fetched, key))
+        pending.put((t0, fetched, key, time.perf_counter()))
         return fetched
 
     waiter = threading.Thread(target=wait, daemon=True)
@@ -107,12 +107,16 @@ def _idle_probe(llm):
         waiter.join()
 
 
-def _idle_fraction(marks) -> float:
+def _idle_fraction(marks, until_enqueued: bool = False) -> float:
     """Share of the wall time between the first and last step's end in which the device had
-    finished a step and the next was not dispatched yet (a host gap)."""
+    finished a step and the host had not begun enqueueing the next (a host gap): a lower
+    bound of the device's idle time, blind to a launch that began in time but ended late.
+    until_enqueued: up to when the next step's calls returned instead, an upper bound (the
+    device may start a step's first kernels before its last are enqueued)."""
     if len(marks) < 3:
         return float("nan")
-    gaps = sum(max(0.0, b[0] - a[1]) for a, b in zip(marks[:-1], marks[1:], strict=True))
+    i = 3 if until_enqueued else 0
+    gaps = sum(max(0.0, b[i] - a[1]) for a, b in zip(marks[:-1], marks[1:], strict=True))
     return gaps / (marks[-1][1] - marks[0][1])
 
 
@@ -142,6 +146,7 @@ def _decode_steps(llm, points: dict, num_out: int) -> dict:
             "tokens_per_s": b / period,
             "num_steps": len(dec),
             "device_idle_fraction": _idle_fraction(dec[4:]),
+            "device_idle_upper": _idle_fraction(dec[4:], until_enqueued=True),
         }
     return res
 
@@ -194,6 +199,7 @@ def part_jaxpaged(
         with _idle_probe(llm) as marks:
             out = bench.run_throughput(llm, argparse.Namespace(seed=0, **specs[name]))
         out["device_idle_fraction"] = _idle_fraction(marks)
+        out["device_idle_upper"] = _idle_fraction(marks, until_enqueued=True)
         return out
 
     for name in workloads:

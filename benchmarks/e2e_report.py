@@ -25,6 +25,13 @@ def _hf_tok_s(hf: dict, workload: str) -> float | None:
     return hf.get(f"{workload}_batch128", {}).get("output_tokens_per_s")
 
 
+def _idle(res: dict) -> str:
+    """The device-idle share: host gaps before a step's launch began, and (runs after
+    2026-12-03 morning) before it ended, the lower and upper bounds."""
+    low, high = res["device_idle_fraction"], res.get("device_idle_upper")
+    return f"{low:.0%}" if high is None else f"{low:.0%}-{high:.0%}"
+
+
 def step_weight_bytes(jp: dict) -> int:
     """The weight bytes a step must read: all but an untied input embedding table, of which a
     step gathers only its tokens' rows (a tied table is the lm_head, read whole). Runs before
@@ -80,7 +87,7 @@ def table(results: dict) -> str:
         for w in ("a", "b", "c"):
             if w not in jp:
                 continue
-            tok, idle = jp[w]["output_tokens_per_s"], jp[w]["device_idle_fraction"]
+            tok, idle = jp[w]["output_tokens_per_s"], _idle(jp[w])
             ref = _hf_tok_s(hf, w)
             parts = [f"{tok / ref:.1f}x HF (static batch 128)"] if ref else []
             roof = throughput_roofline(jp, w, results["ceilings"])
@@ -89,7 +96,7 @@ def table(results: dict) -> str:
                 parts.append(f"roofline {roof[0]:,.0f} tok/s ({kind}; jaxpaged at "
                              f"{tok / roof[0]:.0%})")  # fmt: skip
             rows.append(
-                f"| {model} | ({w}) output tok/s (device idle {idle:.0%}) | {_num(tok)} "
+                f"| {model} | ({w}) output tok/s (device idle {idle}) | {_num(tok)} "
                 f"| {_num(ref)} | {'; '.join(parts)} |"
             )
         for key in [k for k in jp if k.startswith("d_ctx")]:
@@ -115,7 +122,7 @@ def table(results: dict) -> str:
             base = xla.get(key, {})
             sy = sync.get("decode_steps", {}).get(key, {})
             rows.append(
-                f"| {model} | decode step {key}: ms (idle {val['device_idle_fraction']:.0%}) "
+                f"| {model} | decode step {key}: ms (idle {_idle(val)}) "
                 f"| {val['ms_per_step']:.2f} | | {val['ms_per_step'] / floor:.2f}x floor "
                 f"({floor:.2f} ms); plain XLA {_num(base.get('ms_per_step'), '.2f')} ms; "
                 f"sync scheduling {_num(sy.get('ms_per_step'), '.2f')} ms |"

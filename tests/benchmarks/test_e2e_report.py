@@ -83,6 +83,8 @@ def test_throughput_roofline_and_the_hf_ratio_of_each_throughput_workload():
     assert "| m | (c) output tok/s (device idle 0%) | 14,000 | 2,000 | 7.0x HF" in table
     assert "(compute-bound; jaxpaged at 52%)" in table
     assert "(memory-bound; jaxpaged at 96%)" in table
+    jp["b"] = dict(wl, device_idle_upper=0.31)  # a run that has the upper bound too
+    assert "| m | (b) output tok/s (device idle 0%-31%) |" in e2e_report.table(results)
 
 
 def test_a_step_reads_every_weight_but_an_untied_input_embedding():
