@@ -262,9 +262,31 @@ def _tiny_config_dir(model: str) -> str:
 
 # HF's static-batching runs: (name, input len, output len), each one batch of 128 sequences.
 HF_THROUGHPUT = [("b_batch128", 128, 128), ("c_batch128", 1024, 512)]
+HF_PAD_TOKEN = 0  # generate() needs a pad id when no EOS is set; prompts never hold it
 
 
-def part_hf(model: str, smoke: bool, cases: list[str]) -> dict:
+def hf_inputs(vocab_size: int, batch: int, n_in: int, seed: int, pad_in_prompt: bool = False):
+    """HF generate's inputs for one static batch: random prompt ids and, as a tokenizer gives
+    for prompts of equal length, an all-ones attention mask. generate() infers a mask from the
+    ids wherever it is given none and a prompt holds the pad id, which sends every attention
+    call down SDPA's masked path; before 2026-12-03 the baseline passed no mask and drew ids
+    that held the pad id at random, so HF ran 2-4x slower on some runs (its (c) more often).
+    pad_in_prompt: that condition on purpose, one pad id and no mask (mask None)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(HF_PAD_TOKEN + 1, vocab_size, (batch, n_in), generator=gen)
+    if pad_in_prompt:
+        ids[0, n_in // 2] = HF_PAD_TOKEN
+        return ids, None
+    return ids, torch.ones_like(ids)
+
+
+def part_hf(model: str, smoke: bool, cases: list[str], inferred_mask: tuple[str, ...] = ()) -> dict:
+    """HF generate at static batch 128 on the throughput workloads in `cases` and batch 1 at
+    context 512; each timed run follows an untimed one of the same inputs. inferred_mask:
+    those workloads' letters again with a pad id in the prompts and no mask (the old, slow
+    baseline), as `<name>_inferred_mask`."""
     import torch
     import transformers as tf
 
@@ -279,25 +301,30 @@ def part_hf(model: str, smoke: bool, cases: list[str]) -> dict:
     with torch.device(device):
         hf = tf.AutoModelForCausalLM.from_config(cls(**cfg), dtype=torch.bfloat16).eval()
     hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
+    hf.generation_config.pad_token_id = HF_PAD_TOKEN
     res = {}
-    cases = [(name, 128, n_in, n_out) for name, n_in, n_out in HF_THROUGHPUT if name in cases]
-    cases.append(("d_ctx512", 1, 512, 128))
+    runs = [(name, 128, n_in, n_out, False) for name, n_in, n_out in HF_THROUGHPUT
+            if name in cases]  # fmt: skip
+    runs += [(f"{name}_inferred_mask", b, n_in, n_out, True)
+             for name, b, n_in, n_out, _ in list(runs) if name[0] in inferred_mask]  # fmt: skip
+    runs.append(("d_ctx512", 1, 512, 128, False))
     if smoke:
-        cases = [(name, 4, 16, 8) for name, _, _, _ in cases]
-    for name, batch, n_in, n_out in cases:
-        ids = torch.randint(0, cfg["vocab_size"], (batch, n_in), device=device)
+        runs = [(name, 4, 16, 8, pad) for name, _, _, _, pad in runs]
+    for seed, (name, batch, n_in, n_out, pad) in enumerate(runs):
+        ids, mask = hf_inputs(cfg["vocab_size"], batch, n_in, seed, pad_in_prompt=pad)
+        ids, mask = ids.to(device), mask if mask is None else mask.to(device)
         gen = dict(max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False)
         with torch.no_grad():
-            hf.generate(ids, **gen)  # warm-up: the same run (the allocator grows to its peak)
+            hf.generate(ids, attention_mask=mask, **gen)  # warm-up: the allocator grows
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            hf.generate(ids, **gen)
+            hf.generate(ids, attention_mask=mask, **gen)
             if device == "cuda":
                 torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        res[name] = {"output_tokens_per_s": batch * n_out / elapsed, "elapsed_s": elapsed}
+        res[name] = {"output_tokens_per_s": batch * n_out / elapsed, "elapsed_s": elapsed,
+                     "attention_mask": "inferred" if pad else "ones"}  # fmt: skip
     return res
 
 
@@ -345,6 +372,12 @@ def main() -> None:
     ap.add_argument(
         "--skip", default="", help="comma list of parts to skip (jaxpaged, warm, xla, hf)"
     )
+    ap.add_argument(
+        "--hf-inferred-mask",
+        default="",
+        help="comma list of throughput workloads (b, c) HF also runs with a pad id in the "
+        "prompts and no attention mask (the slow path the baseline took before 2026-12-03)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, runs on CPU")
     args = ap.parse_args()
     if args.part:
@@ -372,7 +405,16 @@ def main() -> None:
                 dict(payload, sync_compare=args.sync_compare, compare_depths=depths),
             ),
             ("jaxpaged_warm", "jaxpaged", dict(payload, workloads=[])),  # same cache dir
-            ("hf", "hf", {"model": model, "smoke": args.smoke, "cases": hf_cases}),
+            (
+                "hf",
+                "hf",
+                {
+                    "model": model,
+                    "smoke": args.smoke,
+                    "cases": hf_cases,
+                    "inferred_mask": args.hf_inferred_mask.split(","),
+                },
+            ),  # fmt: skip
             ("xla", "xla", {"model": model, "smoke": args.smoke}),
         ]
         for name, part, part_payload in parts:

@@ -99,6 +99,12 @@ def table(results: dict) -> str:
                 f"| {model} | ({w}) output tok/s (device idle {idle}) | {_num(tok)} "
                 f"| {_num(ref)} | {'; '.join(parts)} |"
             )
+            slow = hf.get(f"{w}_batch128_inferred_mask", {}).get("output_tokens_per_s")
+            if slow:  # e2e_gpu.py --hf-inferred-mask: the old baseline's slow path
+                vs = f"{tok / slow:.1f}x; " + (f"HF {ref / slow:.2f}x slower than with its "
+                                               "all-ones mask" if ref else "")  # fmt: skip
+                rows.append(f"| {model} | ({w}) HF with a pad id in the prompts and no mask "
+                            f"(inferred) | | {_num(slow)} | {vs} |")  # fmt: skip
         for key in [k for k in jp if k.startswith("d_ctx")]:
             ms, ctx = jp[key]["per_output_token_ms"], int(key[5:])
             floor = (step_weight_bytes(jp) + jp["kv_bytes_per_token"] * ctx) / bw * 1e3

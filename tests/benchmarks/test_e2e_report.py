@@ -98,3 +98,17 @@ def test_a_step_reads_every_weight_but_an_untied_input_embedding():
     assert e2e_report.step_weight_bytes(qwen) == 1_192_099_840
     assert e2e_report.step_weight_bytes({"weight_bytes": 7}) == 7  # no parameter counts
     assert e2e_report.step_weight_bytes(dict(llama, step_weight_bytes=5)) == 5
+
+
+def test_the_report_sets_hf_with_an_inferred_mask_beside_its_baseline():
+    """--hf-inferred-mask runs HF again on the prompts with a pad id and no mask."""
+    wl = {"output_tokens_per_s": 19_000.0, "device_idle_fraction": 0.0}
+    hf = {"c_batch128": {"output_tokens_per_s": 4_000.0},
+          "c_batch128_inferred_mask": {"output_tokens_per_s": 1_000.0}}  # fmt: skip
+    results = {"ceilings": {}, "models": {"m": {"jaxpaged": {"c": wl}, "hf": hf}}}
+    table = e2e_report.table(results)
+    assert "| m | (c) output tok/s (device idle 0%) | 19,000 | 4,000 | 4.8x HF" in table
+    assert ("| m | (c) HF with a pad id in the prompts and no mask (inferred) | | 1,000 | "
+            "19.0x; HF 4.00x slower than with its all-ones mask |") in table  # fmt: skip
+    del hf["c_batch128_inferred_mask"]
+    assert "inferred" not in e2e_report.table(results)
