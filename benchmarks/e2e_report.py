@@ -55,7 +55,9 @@ def throughput_roofline(jp: dict, workload: str, ceilings: dict) -> tuple[float,
       and every output token's row through the lm_head;
     - memory: the decode steps' KV reads, plus the weights once per step, for the fewest
       steps this engine's max_num_seqs, max_num_batched_tokens and KV pool allow (a decode
-      step reads at most the pool's tokens)."""
+      step reads at most the pool's tokens) and the workload allows: a step gives each
+      request at most one token, so there are at least out / requests steps, and at least as
+      many as the longest output's tokens (runs that record `max_output_tokens`)."""
     w = jp.get(workload, {})
     if "layer_params" not in jp or "num_input_tokens" not in w:
         return None
@@ -67,7 +69,9 @@ def throughput_roofline(jp: dict, workload: str, ceilings: dict) -> tuple[float,
     times = {"compute": flops / (ceilings["matmul_TFLOPs"] * 1e12)}
     if "decode_kv_token_reads" in w and "engine_args" in jp:
         e = jp["engine_args"]
-        steps = max(out / e["max_num_seqs"], passes / e["max_num_batched_tokens"])
+        rows = min(e["max_num_seqs"], w["num_requests"])
+        steps = max(out / rows, passes / e["max_num_batched_tokens"],
+                    w.get("max_output_tokens", 0))  # fmt: skip
         if jp.get("num_kv_blocks"):
             pool = (jp["num_kv_blocks"] - 1) * jp.get("block_size", 16)
             steps = max(steps, w["decode_kv_token_reads"] / pool)

@@ -101,6 +101,7 @@ def run_throughput(llm, args) -> dict:
         "num_input_tokens": num_in,
         "num_output_tokens": num_out,
         "decode_kv_token_reads": kv_reads,
+        "max_output_tokens": max((m for m, _ in outs_in), default=0),
         "num_preemptions": preemptions,
     }
 

@@ -112,3 +112,20 @@ def test_the_report_sets_hf_with_an_inferred_mask_beside_its_baseline():
             "19.0x; HF 4.00x slower than with its all-ones mask |") in table  # fmt: skip
     del hf["c_batch128_inferred_mask"]
     assert "inferred" not in e2e_report.table(results)
+
+
+def test_the_memory_roofline_counts_the_steps_the_workload_needs():
+    """(a) on the 8B shape, 256 requests with 100-1024 outputs (148,756 tokens, 1,021 the
+    longest) and 1024 rows a step: at most 256 rows a step (581 steps), and at least 1,021
+    steps, each reading the 15.01 GB of weights, beside 18.10 TB of KV."""
+    wl = {"num_requests": 256, "num_input_tokens": 148_894, "num_output_tokens": 148_756,
+          "output_tokens_per_s": 9_579.0, "decode_kv_token_reads": 138_104_924}  # fmt: skip
+    jp = {"layer_params": 6.98e9, "lm_head_params": 128256 * 4096, "a": wl,
+          "weight_bytes": 16.06e9, "step_weight_bytes": 15.01e9, "kv_bytes_per_token": 131072,
+          "engine_args": {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}}  # fmt: skip
+    ceilings = {"matmul_TFLOPs": 774.0, "copy_GBps": 3282.0}
+    bound, kind = e2e_report.throughput_roofline(jp, "a", ceilings)  # 26.82 TB: 8.17 s
+    assert 18_100 < bound < 18_300 and kind == "memory"
+    jp["a"] = dict(wl, max_output_tokens=1021)  # 33.43 TB: 10.19 s
+    bound, kind = e2e_report.throughput_roofline(jp, "a", ceilings)
+    assert 14_500 < bound < 14_700 and kind == "memory"
