@@ -39,9 +39,3 @@ def gc_freeze() -> bool:
     """Whether LLM() freezes its start-up heap out of the garbage collector's full passes
     (JAXPAGED_GC_FREEZE; '0' turns it off, as the tests do: they build many engines)."""
     return os.environ.get("JAXPAGED_GC_FREEZE") != "0"
-
-
-def stable_logits() -> bool:
-    """Whether, with stable buffers, the forward writes its logits into one persistent
-    donated buffer (JAXPAGED_STABLE_LOGITS; '0' turns it off): runner/model_runner.py."""
-    return os.environ.get("JAXPAGED_STABLE_LOGITS") != "0"

@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxpaged import envs
 from jaxpaged.attention.backend import AttentionBackend, allocate_kv_cache
 from jaxpaged.attention.metadata import AttentionMetadata
 from jaxpaged.config import ModelConfig
@@ -194,12 +193,6 @@ class ModelRunner:
         self.stable_buffers = stable_buffers and mesh_shardings is None
         self._in_bufs: dict[tuple[int, int, bool], jax.Array] = {}
         self._out_bufs: dict[tuple[int, int, bool], jax.Array] = {}
-        # The forward's logits, f32[max rows, vocab], written over by every step (its rows
-        # first) in a donated buffer: a fresh logits array each step took another address
-        # while the last one was still in use, so the step's graphs were updated every step.
-        self._logits_rows = max(k[1] for k in self.buckets.all_keys())
-        self.stable_logits = self.stable_buffers and envs.stable_logits()
-        self._logits_buf: jax.Array | None = None
         # The launcher thread makes the executable calls, in order: a step's calls hold
         # their thread while XLA:GPU enqueues its kernels and graphs (1.7 ms at batch 1,
         # 4.1 ms at batch 128 for the 8B shape on an H200 host, docs/benchmarks.md), so the
@@ -227,9 +220,7 @@ class ModelRunner:
         self._stage = jax.jit(_write_into, donate_argnums=0)
         self._head_copy = jax.jit(_head_copy, static_argnums=1)
         self._forward = jax.jit(
-            self._forward_fn,
-            donate_argnames=("kv_caches", "logits_buf"),
-            static_argnames=("layout",),
+            self._forward_fn, donate_argnames=("kv_caches",), static_argnames=("layout",)
         )
         self._sample = jax.jit(
             self._sample_fn,
@@ -275,7 +266,7 @@ class ModelRunner:
             name, self._sample, *self._sample_args(key, mode)
         )
         self._samplers[name] = sampler  # compile_all reuses it
-        logits = self._call_forward(forward, inputs)
+        self.kv_caches, logits = forward(self.params, self.kv_caches, self.last_tokens, inputs)
         self.penalty_state, self.last_tokens, out = sampler(
             logits, self.penalty_state, self.last_tokens, inputs, *self._out_arg(key)
         )
@@ -295,21 +286,7 @@ class ModelRunner:
         return compiled
 
     # ---- the step ---------------------------------------------------------------------
-    def _call_forward(self, forward, inputs: jax.Array) -> jax.Array:
-        """Run a compiled forward on the device state; returns its logits (with
-        stable_logits, the persistent buffer, whose rows past the bucket's are stale)."""
-        if not self.stable_logits:
-            self.kv_caches, logits = forward(self.params, self.kv_caches, self.last_tokens, inputs)
-            return logits
-        if self._logits_buf is None:
-            shape = (self._logits_rows, self.config.vocab_size)
-            self._logits_buf = jax.device_put(np.zeros(shape, np.float32), jax.devices()[0])
-        self.kv_caches, self._logits_buf = forward(
-            self.params, self.kv_caches, self.last_tokens, inputs, self._logits_buf
-        )
-        return self._logits_buf
-
-    def _forward_fn(self, params, kv_caches, last_tokens, packed, logits_buf=None, *, layout):
+    def _forward_fn(self, params, kv_caches, last_tokens, packed, *, layout):
         inputs: StepInputs = unpack(packed, layout)
         st = inputs.sampling
         # Id -1: the token its slot sampled in the previous step, not yet seen by the host.
@@ -320,8 +297,6 @@ class ModelRunner:
             inputs.logits_indices,
         )  # fmt: skip
         logits = logits.astype(jnp.float32)  # the sampler is compiled for f32 logits
-        if logits_buf is not None:  # donated: the output keeps its address
-            logits = jax.lax.dynamic_update_slice(logits_buf, logits, (0, 0))
         if self.shardings is not None:
             # Pin the layouts: the pool stays split (so donation is in place) and the logits
             # are replicated, as the sampler executable takes them.
@@ -334,7 +309,6 @@ class ModelRunner:
         out_layout=None,
     ):  # fmt: skip
         st = unpack(packed, layout).sampling
-        logits = logits[: st.slots.shape[0]]  # a stable logits buffer has more rows
         out, penalty_state = sample(logits, st, penalty_state, mode)
         # Real rows have distinct slots; padding rows all write the spare slot.
         last_tokens = last_tokens.at[st.slots].set(
@@ -364,21 +338,13 @@ class ModelRunner:
     def _forward_args(self, key: tuple[int, int, bool]) -> tuple[tuple, dict]:
         """(arguments, static arguments) to lower bucket `key`'s forward with."""
         args = (self.params, self.kv_caches, self.last_tokens, self._packed_shape(key))
-        if self.stable_logits:
-            args += (self._logits_shape(key[1]),)
         return args, {"layout": self._layout(key)}
-
-    def _logits_shape(self, rows: int) -> jax.ShapeDtypeStruct:
-        """The logits a step's sampler reads: the bucket's rows, or the stable buffer."""
-        rows = self._logits_rows if self.stable_logits else rows
-        return jax.ShapeDtypeStruct(
-            (rows, self.config.vocab_size), jnp.float32, sharding=self._input_sharding()
-        )
 
     def _sample_args(self, key: tuple[int, int, bool], mode: SamplerMode) -> tuple[tuple, dict]:
         """(arguments, static arguments) to lower bucket `key`'s sampler in `mode` with."""
-        r, packed = key[1], self._packed_shape(key)
-        args = (self._logits_shape(r), self.penalty_state, self.last_tokens, packed)
+        r, v = key[1], self.config.vocab_size
+        logits = jax.ShapeDtypeStruct((r, v), jnp.float32, sharding=self._input_sharding())
+        args = (logits, self.penalty_state, self.last_tokens, self._packed_shape(key))
         out_layout = None
         if self.stable_buffers:
             out_layout = _out_layout(r)
@@ -551,7 +517,9 @@ class ModelRunner:
         for key in self.buckets.all_keys():
             hs = self.input_batch.prepare(empty, empty, empty, key[0], key[1])
             inputs = self._stage_inputs(key, pack(_to_inputs(hs, key[2]), self._layout(key)))
-            logits = self._call_forward(self._compiled[key], inputs)
+            self.kv_caches, logits = self._compiled[key](
+                self.params, self.kv_caches, self.last_tokens, inputs
+            )
             signature = self._sampler_signature(key)
             for mode in ALL_MODES:
                 if (signature, mode) in warmed:
@@ -653,7 +621,9 @@ class ModelRunner:
         if self._launch_error is not None:
             raise RuntimeError("resetting a slot's penalty state failed") from self._launch_error
         inputs = self._stage_inputs(key, packed)
-        logits = self._call_forward(self._compiled[key], inputs)
+        self.kv_caches, logits = self._compiled[key](
+            self.params, self.kv_caches, self.last_tokens, inputs
+        )
         sampler = self._samplers[self._sampler_signature(key), mode]
         self.penalty_state, self.last_tokens, out = sampler(
             logits, self.penalty_state, self.last_tokens, inputs, *self._out_arg(key)
