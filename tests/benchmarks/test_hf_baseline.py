@@ -29,11 +29,12 @@ def test_generate_gets_the_mask_and_both_cases_are_timed(monkeypatch):
     """A tiny Qwen3 on CPU: the baseline's calls pass an all-ones mask, the inferred case none."""
     import transformers
 
-    seen = []
+    seen, prompts = [], []
     real = transformers.GenerationMixin.generate
 
     def spy(self, ids, attention_mask=None, **kw):
         seen.append(None if attention_mask is None else int(attention_mask.min()))
+        prompts.append(ids.clone())
         return real(self, ids, attention_mask=attention_mask, **kw)
 
     monkeypatch.setattr(transformers.GenerationMixin, "generate", spy)
@@ -44,3 +45,5 @@ def test_generate_gets_the_mask_and_both_cases_are_timed(monkeypatch):
     assert all(r["output_tokens_per_s"] > 0 for r in res.values())
     # Two calls (warm-up, timed) per case: b with a mask of ones, b with none, d with ones.
     assert seen == [1, 1, None, None, 1, 1]
+    # b's two cases share their prompts but for the one pad id.
+    assert int((prompts[0] != prompts[2]).sum()) == 1 and not (prompts[0] == 0).any()
