@@ -307,7 +307,7 @@ def part_hf(model: str, smoke: bool, cases: list[str], inferred_mask: tuple[str,
     runs = [(name, 128, n_in, n_out, False) for name, n_in, n_out in HF_THROUGHPUT
             if name in cases]  # fmt: skip
     runs += [(f"{name}_inferred_mask", b, n_in, n_out, True)
-             for name, b, n_in, n_out, _ in list(runs) if name[0] in inferred_mask]  # fmt: skip
+             for name, b, n_in, n_out, _ in runs if name[0] in inferred_mask]  # fmt: skip
     runs.append(("d_ctx512", 1, 512, 128, False))
     if smoke:
         runs = [(name, 4, 16, 8, pad) for name, _, _, _, pad in runs]
@@ -400,6 +400,8 @@ def main() -> None:
         payload = {"model": model, "smoke": args.smoke, "cache_dir": cache,
                    "workloads": wanted, "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens}  # fmt: skip
+        hf_payload = {"model": model, "smoke": args.smoke, "cases": hf_cases,
+                      "inferred_mask": args.hf_inferred_mask.split(",")}  # fmt: skip
         parts = [
             (
                 "jaxpaged",
@@ -407,16 +409,7 @@ def main() -> None:
                 dict(payload, sync_compare=args.sync_compare, compare_depths=depths),
             ),
             ("jaxpaged_warm", "jaxpaged", dict(payload, workloads=[])),  # same cache dir
-            (
-                "hf",
-                "hf",
-                {
-                    "model": model,
-                    "smoke": args.smoke,
-                    "cases": hf_cases,
-                    "inferred_mask": args.hf_inferred_mask.split(","),
-                },
-            ),  # fmt: skip
+            ("hf", "hf", hf_payload),
             ("xla", "xla", {"model": model, "smoke": args.smoke}),
         ]
         for name, part, part_payload in parts:
